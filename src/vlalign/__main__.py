@@ -1,0 +1,3 @@
+from vlalign.cli.main import main
+
+raise SystemExit(main())

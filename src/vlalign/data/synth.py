@@ -1,0 +1,366 @@
+"""Offline synthetic image–caption data in every on-disk layout vlalign reads.
+
+Scenes of one to three coloured shapes with captions naming colour, shape, size, position and relations, so a
+tiny model can learn retrieval well above chance without any download. Output layouts: JPEG files, img2dataset-
+style WebDataset shards, an ALBEF pre-training JSON, Karpathy-style retrieval JSONs and a WordPiece tokenizer.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
+
+from vlalign.tokenization import train_wordpiece
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 50),
+    "blue": (30, 70, 220),
+    "yellow": (240, 210, 20),
+    "orange": (245, 130, 20),
+    "purple": (130, 40, 170),
+    "pink": (250, 120, 190),
+    "black": (20, 20, 20),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star")
+SIZES: dict[str, float] = {"small": 0.085, "large": 0.14}  # radius as a fraction of the image side
+POSITIONS: dict[str, tuple[float, float]] = {
+    "left": (0.2, 0.5),
+    "right": (0.8, 0.5),
+    "top": (0.5, 0.2),
+    "bottom": (0.5, 0.8),
+    "centre": (0.5, 0.5),
+}
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {
+    "white": (250, 250, 250),
+    "grey": (190, 190, 190),
+    "cream": (245, 235, 205),
+    "noisy": (200, 200, 200),
+}
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+_SUPERSAMPLE = 2
+_JPEG_QUALITY = 90
+_TAR_MTIME = 0.0  # fixed member timestamps keep shards byte-identical under a seed
+_NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
+
+
+@dataclass(frozen=True)
+class Shape:
+    colour: str
+    shape: str
+    size: str
+    position: str
+    x: float  # centre, as a fraction of the image side
+    y: float
+
+
+@dataclass(frozen=True)
+class Scene:
+    background: str
+    shapes: tuple[Shape, ...]
+
+
+@dataclass(frozen=True)
+class SynthSummary:
+    """Where :func:`write_synthetic` put everything, and how much of it there is."""
+
+    root: Path
+    image_root: Path
+    shards: dict[str, list[Path]]
+    pretrain_json: Path
+    retrieval_json: dict[str, Path]
+    tokenizer_dir: Path
+    readme: Path
+    num_images: dict[str, int]
+    num_captions: dict[str, int]
+    image_size: int
+    samples_per_shard: int
+
+    def shard_urls(self, split: str) -> str:
+        """Brace-expanded shard list for WebDataset, e.g. ``.../train/{000000..000003}.tar``."""
+        paths = self.shards[split]
+        if not paths:
+            raise ValueError(f"split {split!r} has no shards")
+        if len(paths) == 1:
+            return str(paths[0])
+        return str(paths[0].parent / f"{{{paths[0].stem}..{paths[-1].stem}}}.tar")
+
+
+def sample_scene(rng: np.random.Generator) -> Scene:
+    """Draw 1–3 shapes with distinct colours at distinct positions on one of four backgrounds."""
+    count = int(rng.choice([1, 2, 3], p=[0.25, 0.4, 0.35]))
+    colours = rng.choice(len(COLOURS), size=count, replace=False)
+    positions = rng.choice(len(POSITIONS), size=count, replace=False)
+    colour_names, position_names = list(COLOURS), list(POSITIONS)
+    shapes = []
+    for colour, position in zip(colours, positions, strict=True):
+        cx, cy = POSITIONS[position_names[position]]
+        jx, jy = rng.uniform(-0.03, 0.03, size=2)
+        shapes.append(
+            Shape(
+                colour=colour_names[colour],
+                shape=SHAPES[int(rng.integers(len(SHAPES)))],
+                size=list(SIZES)[int(rng.integers(len(SIZES)))],
+                position=position_names[position],
+                x=float(cx + jx),
+                y=float(cy + jy),
+            )
+        )
+    background = list(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))]
+    return Scene(background=background, shapes=tuple(shapes))
+
+
+def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    if shape == "square":
+        h = r * 0.85
+        return [(cx - h, cy - h), (cx + h, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
+    if shape == "triangle":
+        return [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
+    if shape == "star":
+        points = []
+        for k in range(10):
+            radius = r if k % 2 == 0 else 0.45 * r
+            angle = -math.pi / 2 + k * math.pi / 5
+            points.append((cx + radius * math.cos(angle), cy + radius * math.sin(angle)))
+        return points
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def render_scene(scene: Scene, image_size: int, rng: np.random.Generator) -> Image.Image:
+    """Draw the scene supersampled and downsample it, so edges are anti-aliased like a photo's."""
+    side = image_size * _SUPERSAMPLE
+    base = np.array(BACKGROUNDS[scene.background], dtype=np.float32)
+    if scene.background == "noisy":
+        noise = rng.normal(0.0, 28.0, size=(side, side, 3)).astype(np.float32)
+        canvas = Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8), mode="RGB")
+    else:
+        canvas = Image.new("RGB", (side, side), tuple(int(v) for v in base))
+    draw = ImageDraw.Draw(canvas)
+    for item in scene.shapes:
+        cx, cy, r = item.x * side, item.y * side, SIZES[item.size] * side
+        fill = COLOURS[item.colour]
+        if item.shape == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        else:
+            draw.polygon(_polygon(item.shape, cx, cy, r), fill=fill)
+    return canvas.resize((image_size, image_size), Image.Resampling.LANCZOS)
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _noun_phrase(item: Shape, with_size: bool) -> str:
+    words = [item.size, item.colour, item.shape] if with_size else [item.colour, item.shape]
+    return f"{_article(words[0])} {' '.join(words)}"
+
+
+def _where(item: Shape, rng: np.random.Generator) -> str:
+    if item.position == "centre":
+        return "in the centre" if rng.random() < 0.5 else "in the middle"
+    if item.position in ("left", "right"):
+        return f"on the {item.position}"
+    return f"at the {item.position}"
+
+
+def _relation(a: Shape, b: Shape) -> str:
+    """How ``a`` sits relative to ``b``, along the axis on which they are further apart."""
+    dx, dy = b.x - a.x, b.y - a.y
+    if abs(dx) >= abs(dy):
+        return "to the left of" if dx > 0 else "to the right of"
+    return "above" if dy > 0 else "below"
+
+
+def _join(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else f"{', '.join(parts[:-1])} and {parts[-1]}"
+
+
+def caption_scene(scene: Scene, num_captions: int, rng: np.random.Generator) -> list[str]:
+    """Up to ``num_captions`` different descriptions of the scene from several templates, in random order."""
+    items = list(scene.shapes)
+    background = f"on a {scene.background} background"
+
+    def listing() -> str:
+        return _join([f"{_noun_phrase(s, True)} {_where(s, rng)}" for s in items])
+
+    def there_is() -> str:
+        item = items[int(rng.integers(len(items)))]
+        return f"there is {_noun_phrase(item, True)} {_where(item, rng)} {background}"
+
+    def relation() -> str:
+        if len(items) == 1:
+            item = items[0]
+            return f"a single {item.colour} {item.shape} {_where(item, rng)}"
+        i, j = rng.choice(len(items), size=2, replace=False)
+        a, b = items[int(i)], items[int(j)]
+        return f"{_noun_phrase(a, bool(rng.random() < 0.5))} {_relation(a, b)} {_noun_phrase(b, False)}"
+
+    def counting() -> str:
+        noun = "shape" if len(items) == 1 else "shapes"
+        return f"{_NUMBER_WORDS[len(items)]} {noun} {background} {_join([_noun_phrase(s, False) for s in items])}"
+
+    def picture() -> str:
+        return f"a picture of {_join([f'{_noun_phrase(s, False)} {_where(s, rng)}' for s in items])}"
+
+    templates = [listing, there_is, relation, counting, picture]
+    order = rng.permutation(len(templates))
+    captions: list[str] = []
+    for index in order:
+        text = templates[int(index)]()
+        if text not in captions:
+            captions.append(text)
+        if len(captions) == num_captions:
+            break
+    return captions
+
+
+def _jpeg_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=_JPEG_QUALITY)
+    return buffer.getvalue()
+
+
+def _clear(directory: Path, pattern: str) -> None:
+    """Remove stale outputs of an earlier, larger run so the directory holds exactly this run's files."""
+    for stale in directory.glob(pattern):
+        stale.unlink()
+
+
+_README = """Synthetic image-caption data written by vlalign.data.synth.write_synthetic (seed {seed}).
+
+Scenes: 1-3 coloured shapes (circle, square, triangle, star; 8 colours; small/large) at left/right/top/bottom/centre
+on a white, grey, cream or noisy background. Each image has {captions_per_image} captions from different templates.
+
+Layout
+  images/{{train,val,test}}/KEY.jpg   {image_size}x{image_size} JPEG files; KEY is a 9-digit id unique across splits
+  shards/{{train,val,test}}/NNNNNN.tar WebDataset shards (img2dataset layout, <= {samples_per_shard} samples each):
+                                      KEY.jpg, KEY.txt (first caption),
+                                      KEY.json {{"key", "caption", "captions", "width", "height", "split"}}
+  pretrain.json                       ALBEF pre-training list [{{"image": absolute path, "caption": [...]}}] (train)
+  retrieval_train.json                one entry per caption {{"image": "images/train/KEY.jpg", "caption", "image_id": KEY}}
+  retrieval_val.json, retrieval_test.json
+                                      one entry per image {{"image": "images/val/KEY.jpg", "caption": [...]}}
+                                      (image paths are relative to this directory, the data modules' default root)
+  tokenizer/                          lower-casing WordPiece tokenizer trained on the train captions (HF format)
+
+Counts: {counts}
+"""
+
+
+def write_synthetic(
+    out: str | Path,
+    num_train: int = 2000,
+    num_val: int = 200,
+    num_test: int = 200,
+    image_size: int = 128,
+    captions_per_image: int = 3,
+    samples_per_shard: int = 500,
+    tokenizer_vocab_size: int = 600,
+    seed: int = 0,
+    progress: bool = True,
+) -> SynthSummary:
+    """Write a deterministic synthetic dataset under ``out`` in all supported layouts (see README.txt there)."""
+    if num_train < 1 or num_val < 0 or num_test < 0:
+        raise ValueError("need num_train >= 1 and non-negative num_val / num_test")
+    if not 1 <= captions_per_image <= 5:
+        raise ValueError(f"captions_per_image must be in [1, 5] (five templates), got {captions_per_image}")
+    if samples_per_shard < 1 or image_size < 8:
+        raise ValueError("need samples_per_shard >= 1 and image_size >= 8")
+    root = Path(out).expanduser().resolve()
+    image_root = root / "images"
+    rng = np.random.default_rng(seed)
+    counts = dict(zip(SPLITS, (num_train, num_val, num_test), strict=True))
+    shards: dict[str, list[Path]] = {}
+    records: dict[str, list[tuple[str, list[str]]]] = {}
+    next_key = 0
+    with tqdm(total=sum(counts.values()), desc="synthetic data", unit="img", disable=not progress) as bar:
+        for split in SPLITS:
+            image_dir, shard_dir = image_root / split, root / "shards" / split
+            image_dir.mkdir(parents=True, exist_ok=True)
+            shard_dir.mkdir(parents=True, exist_ok=True)
+            _clear(image_dir, "*.jpg")
+            _clear(shard_dir, "*.tar")
+            shards[split], records[split] = [], []
+            tar: wds.TarWriter | None = None
+            for index in range(counts[split]):
+                if index % samples_per_shard == 0:
+                    if tar is not None:
+                        tar.close()
+                    shards[split].append(shard_dir / f"{index // samples_per_shard:06d}.tar")
+                    tar = wds.TarWriter(str(shards[split][-1]), encoder=False, mtime=_TAR_MTIME)
+                assert tar is not None
+                key = f"{next_key:09d}"
+                next_key += 1
+                scene = sample_scene(rng)
+                captions = caption_scene(scene, captions_per_image, rng)
+                jpeg = _jpeg_bytes(render_scene(scene, image_size, rng))
+                (image_dir / f"{key}.jpg").write_bytes(jpeg)
+                meta = {
+                    "key": key,
+                    "caption": captions[0],
+                    "captions": captions,
+                    "width": image_size,
+                    "height": image_size,
+                    "split": split,
+                }
+                tar.write(
+                    {
+                        "__key__": key,
+                        "jpg": jpeg,
+                        "txt": captions[0].encode("utf-8"),
+                        "json": json.dumps(meta).encode("utf-8"),
+                    }
+                )
+                records[split].append((key, captions))
+                bar.update(1)
+            if tar is not None:
+                tar.close()
+
+    pretrain_json = root / "pretrain.json"
+    pretrain = [{"image": str(image_root / "train" / f"{key}.jpg"), "caption": caps} for key, caps in records["train"]]
+    pretrain_json.write_text(json.dumps(pretrain, indent=1))
+    retrieval_json = {split: root / f"retrieval_{split}.json" for split in SPLITS}
+    retrieval_train = [
+        {"image": f"images/train/{key}.jpg", "caption": caption, "image_id": key}
+        for key, caps in records["train"]
+        for caption in caps
+    ]
+    retrieval_json["train"].write_text(json.dumps(retrieval_train, indent=1))
+    for split in ("val", "test"):
+        entries = [{"image": f"images/{split}/{key}.jpg", "caption": caps} for key, caps in records[split]]
+        retrieval_json[split].write_text(json.dumps(entries, indent=1))
+
+    train_captions = [caption for _, caps in records["train"] for caption in caps]
+    tokenizer_dir = train_wordpiece(train_captions, root / "tokenizer", vocab_size=tokenizer_vocab_size)
+    num_captions = {split: sum(len(caps) for _, caps in records[split]) for split in SPLITS}
+    readme = root / "README.txt"
+    readme.write_text(
+        _README.format(
+            seed=seed,
+            captions_per_image=captions_per_image,
+            image_size=image_size,
+            samples_per_shard=samples_per_shard,
+            counts=", ".join(f"{s} {counts[s]} images / {num_captions[s]} captions" for s in SPLITS),
+        )
+    )
+    return SynthSummary(
+        root=root,
+        image_root=image_root,
+        shards=shards,
+        pretrain_json=pretrain_json,
+        retrieval_json=retrieval_json,
+        tokenizer_dir=tokenizer_dir,
+        readme=readme,
+        num_images=counts,
+        num_captions=num_captions,
+        image_size=image_size,
+        samples_per_shard=samples_per_shard,
+    )

@@ -1,0 +1,91 @@
+"""Pre-training from ALBEF/SIMLA JSON caption lists (``[{"image": path, "caption": str | [str, ...]}, ...]``).
+
+Lets users train on the annotation files the reference code ships, with no conversion to shards.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import DataLoader, Dataset
+
+from vlalign.datamodules.base import PretrainDataModule, require_path
+from vlalign.datamodules.collate import MISSING_CAPTION, MISSING_FILE, Sample, SampleProcessor, SkippedSample
+from vlalign.datamodules.retrieval import load_annotations
+
+
+class JsonCaptionDataset(Dataset):
+    """Map-style dataset over the concatenated entries of one or more caption lists.
+
+    A caption list yields one caption chosen uniformly at every access (as the reference does). A bad entry
+    (missing file, undecodable image, empty caption) yields a :class:`SkippedSample` marker that the collate
+    drops and counts, because a map-style dataset cannot skip an index by itself.
+    """
+
+    def __init__(self, entries: list[tuple[Path, Any]], processor: SampleProcessor) -> None:
+        self.entries = entries
+        self.processor = processor
+
+    @classmethod
+    def from_files(cls, files: list[str | Path], processor: SampleProcessor, roots: list[Path]) -> JsonCaptionDataset:
+        """Read every file; relative image paths of ``files[i]`` are resolved against ``roots[i]``."""
+        entries: list[tuple[Path, Any]] = []
+        for json_file, root in zip(files, roots, strict=True):
+            for position, entry in enumerate(load_annotations(json_file)):
+                if not isinstance(entry, dict) or "image" not in entry:
+                    raise ValueError(f"{json_file}: entry {position} has no 'image' key")
+                entries.append((root / entry["image"], entry.get("caption")))
+        return cls(entries, processor)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> Sample | SkippedSample:
+        path, caption = self.entries[index]
+        key = str(path)
+        if isinstance(caption, list):
+            caption = random.choice(caption) if caption else None
+        if caption is not None and not isinstance(caption, str):
+            return SkippedSample(key, MISSING_CAPTION)
+        if not path.is_file():
+            return SkippedSample(key, MISSING_FILE)
+        return self.processor(key, path, caption)
+
+
+class JsonCaptionDataModule(PretrainDataModule):
+    """Pre-training from ALBEF-style JSON caption lists; see :class:`PretrainDataModule` for shared arguments.
+
+    Bad samples are dropped from their batch and counted in ``batch["skipped"]``, so a batch can hold a few
+    fewer than ``batch_size`` samples; the last incomplete batch of an epoch is dropped. Under DDP Lightning
+    adds the distributed sampler.
+
+    Args:
+        train_files: ALBEF pre-training JSON files; their entries are concatenated.
+    """
+
+    def __init__(self, train_files: list[str], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not train_files:
+            raise ValueError("train_files must list at least one JSON file")
+        self.train_files = [require_path(path, "train_files") for path in train_files]
+        self.train_dataset: JsonCaptionDataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        if stage in (None, "fit") and self.train_dataset is None:
+            roots = [self.resolve_root(path) for path in self.train_files]
+            self.train_dataset = JsonCaptionDataset.from_files(self.train_files, self.build_processor(), roots)
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_dataset is None:
+            self.setup("fit")
+        return DataLoader(
+            self.train_dataset,
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=True,
+            collate_fn=self.build_collate(),
+            **self.loader_kwargs(),
+        )

@@ -1,0 +1,51 @@
+"""Retrieval recall exactly as ALBEF/SIMLA define it (method note §5), vectorised."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+RECALL_KS = (1, 5, 10)
+
+
+def retrieval_ranks(scores: Tensor, text_image_index: Tensor) -> tuple[Tensor, Tensor]:
+    """Rank (0 = best) of the best ground truth for every image query and every text query.
+
+    ``scores`` is [num_images, num_texts]; ``text_image_index[j]`` is the image caption ``j`` describes. Image →
+    text: the position of the highest-ranked of the image's captions. Text → image: the position of its image.
+    """
+    num_images, num_texts = scores.shape
+    gt = torch.zeros_like(scores, dtype=torch.bool)
+    gt[text_image_index, torch.arange(num_texts, device=scores.device)] = True
+    # position of every text in each image's descending order = number of texts scored strictly higher
+    order_i2t = scores.argsort(dim=1, descending=True)
+    position_i2t = torch.empty_like(order_i2t)
+    position_i2t.scatter_(1, order_i2t, torch.arange(num_texts, device=scores.device).expand(num_images, -1))
+    ranks_i2t = position_i2t.masked_fill(~gt, num_texts).min(dim=1).values
+    order_t2i = scores.t().argsort(dim=1, descending=True)
+    ranks_t2i = (order_t2i == text_image_index[:, None]).int().argmax(dim=1)
+    return ranks_i2t, ranks_t2i
+
+
+def retrieval_recalls(scores: Tensor, text_image_index: Tensor, ks: tuple[int, ...] = RECALL_KS) -> dict[str, float]:
+    """``txt_r{k}`` (image → text), ``img_r{k}`` (text → image) in percent, their means and ``r_mean``."""
+    ranks_i2t, ranks_t2i = retrieval_ranks(scores.float(), text_image_index)
+    out: dict[str, float] = {}
+    for k in ks:
+        out[f"txt_r{k}"] = 100.0 * (ranks_i2t < k).float().mean().item()
+        out[f"img_r{k}"] = 100.0 * (ranks_t2i < k).float().mean().item()
+    out["txt_r_mean"] = sum(out[f"txt_r{k}"] for k in ks) / len(ks)
+    out["img_r_mean"] = sum(out[f"img_r{k}"] for k in ks) / len(ks)
+    out["r_mean"] = (out["txt_r_mean"] + out["img_r_mean"]) / 2
+    return out
+
+
+def chance_recalls(num_images: int, captions_per_image: float, ks: tuple[int, ...] = RECALL_KS) -> dict[str, float]:
+    """Expected recall of a random ranking, to print next to measured recall."""
+    num_texts = num_images * captions_per_image
+    out = {}
+    for k in ks:
+        # image → text: P(at least one of c ground truths among the first k of num_texts) ≈ 1 - (1 - c/T)^k
+        out[f"txt_r{k}"] = 100.0 * (1.0 - (1.0 - captions_per_image / num_texts) ** k)
+        out[f"img_r{k}"] = 100.0 * min(1.0, k / num_images)
+    return out

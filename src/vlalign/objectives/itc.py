@@ -1,0 +1,167 @@
+"""ITC: image-text contrastive alignment (global level) with feature queues and momentum distillation."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vlalign.distributed import all_gather_no_grad, all_gather_with_grad, rank
+from vlalign.objectives.base import BuildSpec, Objective, ObjectiveOutput, register_objective
+from vlalign.objectives.functional import contrastive_loss, distillation_targets, positive_targets
+
+if TYPE_CHECKING:
+    from vlalign.tasks.context import StepContext
+
+TEMPERATURE_RANGE = (0.001, 0.5)
+
+
+@register_objective
+class ITC(Objective):
+    """Contrast each image with every caption in the batch and the queue, and vice versa (ALBEF / SIMLA, method §2.1).
+
+    Differences from the reference, on purpose:
+    - the queue needs no ``queue_size % global_batch == 0``: writes wrap around the ring buffer;
+    - ``gather_features`` also puts other ranks' current features among the candidates (the reference sees them only
+      one step later, through the queue); ``gather_with_grad`` lets gradients flow through them (open_clip style).
+
+    Args:
+        weight: weight of this loss in the total.
+        embed_dim: width of the shared embedding space both projections map into.
+        temperature: initial softmax temperature; clamped to [0.001, 0.5] before every step.
+        learnable_temperature: train the temperature (reference) or keep it fixed.
+        queue_size: number of past momentum features kept per modality as extra negatives; 0 disables the queue.
+        distill: mix the momentum model's similarity distribution into the targets with the recipe's ``alpha``.
+        gather_features: include all ranks' current-step features as candidates.
+        gather_with_grad: when gathering online features (no momentum model), keep their gradients.
+    """
+
+    name = "itc"
+    momentum_heads = ("vision_proj", "text_proj")
+
+    def __init__(
+        self,
+        weight: float = 1.0,
+        embed_dim: int = 256,
+        temperature: float = 0.07,
+        learnable_temperature: bool = True,
+        queue_size: int = 65536,
+        distill: bool = True,
+        gather_features: bool = False,
+        gather_with_grad: bool = False,
+    ) -> None:
+        super().__init__(weight)
+        lo, hi = TEMPERATURE_RANGE
+        if not lo <= temperature <= hi:
+            raise ValueError(f"itc.temperature must be in [{lo}, {hi}], got {temperature}")
+        if embed_dim <= 0:
+            raise ValueError(f"itc.embed_dim must be positive, got {embed_dim}")
+        if queue_size < 0:
+            raise ValueError(f"itc.queue_size must be >= 0, got {queue_size}")
+        self.embed_dim = embed_dim
+        self.queue_size = queue_size
+        self.distill = distill
+        self.gather_features = gather_features
+        self.gather_with_grad = gather_with_grad
+        self.temp = nn.Parameter(torch.tensor(float(temperature)), requires_grad=learnable_temperature)
+        self._pending: list[tuple[Tensor, Tensor]] = []
+
+    @property
+    def uses_momentum(self) -> bool:
+        return self.distill or self.queue_size > 0
+
+    def momentum_encoders(self) -> frozenset[str]:
+        return frozenset({"vision", "stream"}) if self.uses_momentum else frozenset()
+
+    def build(self, spec: BuildSpec) -> None:
+        self.vision_proj = nn.Linear(spec.vision_width, self.embed_dim)
+        self.text_proj = nn.Linear(spec.text_width, self.embed_dim)
+        if self.queue_size > 0:
+            self.register_buffer("image_queue", F.normalize(torch.randn(self.embed_dim, self.queue_size), dim=0))
+            self.register_buffer("text_queue", F.normalize(torch.randn(self.embed_dim, self.queue_size), dim=0))
+            self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        super().build(spec)
+
+    # -- features -----------------------------------------------------------------------------------------------
+    def image_features(self, image_tokens: Tensor, momentum: bool = False) -> Tensor:
+        proj = self.vision_proj_m if momentum else self.vision_proj
+        return F.normalize(proj(image_tokens[:, 0]).float(), dim=-1)
+
+    def text_features(self, text_states: Tensor, momentum: bool = False) -> Tensor:
+        proj = self.text_proj_m if momentum else self.text_proj
+        return F.normalize(proj(text_states[:, 0]).float(), dim=-1)
+
+    def _gather(self, x: Tensor) -> Tensor:
+        if not self.gather_features:
+            return x
+        return all_gather_with_grad(x) if self.gather_with_grad and x.requires_grad else all_gather_no_grad(x)
+
+    # -- loss ---------------------------------------------------------------------------------------------------
+    def forward(self, ctx: StepContext) -> ObjectiveOutput:
+        with torch.no_grad():
+            self.temp.clamp_(*TEMPERATURE_RANGE)
+        image_feat = self.image_features(ctx.image_tokens)
+        text_feat = self.text_features(ctx.text_states)
+        batch = image_feat.shape[0]
+        offset = rank() * batch if self.gather_features else 0
+
+        image_feat_m = text_feat_m = None
+        if self.uses_momentum:
+            with torch.no_grad():
+                image_feat_m = self.image_features(ctx.image_tokens_m, momentum=True)
+                text_feat_m = self.text_features(ctx.text_states_m, momentum=True)
+                image_bank, text_bank = self._gather(image_feat_m), self._gather(text_feat_m)
+                image_cands, text_cands = image_bank, text_bank
+                if self.queue_size > 0:
+                    image_cands = torch.cat([image_bank, self.image_queue.t()], dim=0)
+                    text_cands = torch.cat([text_bank, self.text_queue.t()], dim=0)
+            if self.queue_size > 0:
+                self._pending.append((image_bank, text_bank))
+        else:
+            image_cands, text_cands = self._gather(image_feat), self._gather(text_feat)
+
+        sim_i2t = image_feat @ text_cands.t() / self.temp
+        sim_t2i = text_feat @ image_cands.t() / self.temp
+        hard = positive_targets(batch, sim_i2t.shape[1], sim_i2t.device, offset)
+        targets_i2t = targets_t2i = hard
+        if self.distill and ctx.alpha > 0:
+            with torch.no_grad():
+                targets_i2t = distillation_targets(image_feat_m @ text_cands.t() / self.temp, hard, ctx.alpha)
+                targets_t2i = distillation_targets(text_feat_m @ image_cands.t() / self.temp, hard, ctx.alpha)
+        loss = contrastive_loss(sim_i2t, sim_t2i, targets_i2t, targets_t2i)
+
+        local = slice(offset, offset + batch)
+        publish = {
+            "image_feat": image_feat,
+            "text_feat": text_feat,
+            "sim_i2t": sim_i2t[:, local],
+            "sim_t2i": sim_t2i[:, local],
+        }
+        if image_feat_m is not None:
+            publish["image_feat_m"] = image_feat_m
+        return ObjectiveOutput(loss=loss, logs={"temperature": self.temp.detach()}, publish=publish)
+
+    # -- queue --------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """Write the features of every micro-batch since the last optimizer step into the ring buffers."""
+        if not self._pending:
+            return
+        images = torch.cat([p[0] for p in self._pending])
+        texts = torch.cat([p[1] for p in self._pending])
+        self._pending.clear()
+        self.enqueue(images, texts)
+
+    @torch.no_grad()
+    def enqueue(self, image_feat: Tensor, text_feat: Tensor) -> None:
+        n = image_feat.shape[0]
+        if n > self.queue_size:  # only the newest queue_size features survive a write larger than the queue
+            image_feat, text_feat = image_feat[-self.queue_size :], text_feat[-self.queue_size :]
+            self.queue_ptr.add_(n - self.queue_size)
+            n = self.queue_size
+        idx = (self.queue_ptr + torch.arange(n, device=self.queue_ptr.device)) % self.queue_size
+        self.image_queue[:, idx] = image_feat.t().to(self.image_queue.dtype)
+        self.text_queue[:, idx] = text_feat.t().to(self.text_queue.dtype)
+        self.queue_ptr.copy_((self.queue_ptr + n) % self.queue_size)

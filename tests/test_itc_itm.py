@@ -1,0 +1,237 @@
+"""ITC and ITM losses against independent hand computations on small tensors (plain Python math)."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from vlalign.objectives.base import BuildSpec
+from vlalign.objectives.functional import sample_hard_negatives
+from vlalign.objectives.itc import ITC
+from vlalign.objectives.itm import ITM
+from vlalign.tokenization import VocabInfo
+
+WIDTH = 4
+
+
+def _spec(momentum: bool) -> BuildSpec:
+    return BuildSpec(WIDTH, WIDTH, VocabInfo(vocab_size=50), (2, 2), 8, momentum=momentum)
+
+
+def _identity_projections(itc: ITC) -> None:
+    with torch.no_grad():
+        for name in ("vision_proj", "text_proj", "vision_proj_m", "text_proj_m"):
+            layer = getattr(itc, name, None)
+            if layer is not None:
+                layer.weight.copy_(torch.eye(WIDTH))
+                layer.bias.zero_()
+
+
+def _unit(vec: list[float]) -> list[float]:
+    norm = math.sqrt(sum(x * x for x in vec))
+    return [x / norm for x in vec]
+
+
+def _dot(a: list[float], b: list[float]) -> float:
+    return sum(x * y for x, y in zip(a, b, strict=True))
+
+
+def _softmax(xs: list[float]) -> list[float]:
+    top = max(xs)
+    exps = [math.exp(x - top) for x in xs]
+    total = sum(exps)
+    return [e / total for e in exps]
+
+
+def _hand_direction(queries, teacher_queries, candidates, temp, alpha) -> float:
+    loss = 0.0
+    for i, (q, qm) in enumerate(zip(queries, teacher_queries, strict=True)):
+        probs = _softmax([_dot(q, c) / temp for c in candidates])
+        teacher = _softmax([_dot(qm, c) / temp for c in candidates])
+        for j in range(len(candidates)):
+            target = alpha * teacher[j] + (1 - alpha) * (1.0 if j == i else 0.0)
+            loss -= target * math.log(probs[j])
+    return loss / len(queries)
+
+
+def _ctx(batch: int, alpha: float, seed: int = 0) -> SimpleNamespace:
+    g = torch.Generator().manual_seed(seed)
+    return SimpleNamespace(
+        image_tokens=torch.randn(batch, 3, WIDTH, generator=g),
+        text_states=torch.randn(batch, 5, WIDTH, generator=g),
+        image_tokens_m=torch.randn(batch, 3, WIDTH, generator=g),
+        text_states_m=torch.randn(batch, 5, WIDTH, generator=g),
+        alpha=alpha,
+        published={},
+    )
+
+
+def _cls(tokens: torch.Tensor) -> list[list[float]]:
+    return [_unit(row) for row in tokens[:, 0].tolist()]
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.4])
+def test_itc_with_queue_and_distillation_matches_hand_computation(alpha: float) -> None:
+    itc = ITC(embed_dim=WIDTH, temperature=0.1, queue_size=5, distill=True)
+    itc.build(_spec(momentum=True))
+    _identity_projections(itc)
+    ctx = _ctx(batch=3, alpha=alpha)
+    out = itc(ctx)
+
+    v, t = _cls(ctx.image_tokens), _cls(ctx.text_states)
+    vm, tm = _cls(ctx.image_tokens_m), _cls(ctx.text_states_m)
+    queue_v = [_unit(col) for col in itc.image_queue.t().tolist()]  # already unit columns
+    queue_t = [_unit(col) for col in itc.text_queue.t().tolist()]
+    i2t = _hand_direction(v, vm, tm + queue_t, 0.1, alpha)
+    t2i = _hand_direction(t, tm, vm + queue_v, 0.1, alpha)
+    assert out.loss.item() == pytest.approx((i2t + t2i) / 2, rel=1e-5)
+
+
+def test_itc_without_momentum_is_clip_loss() -> None:
+    itc = ITC(embed_dim=WIDTH, temperature=0.05, queue_size=0, distill=False)
+    itc.build(_spec(momentum=False))
+    assert not hasattr(itc, "vision_proj_m") and itc.momentum_encoders() == frozenset()
+    _identity_projections(itc)
+    ctx = _ctx(batch=4, alpha=0.4)
+    out = itc(ctx)
+    v, t = _cls(ctx.image_tokens), _cls(ctx.text_states)
+    expected = (_hand_direction(v, v, t, 0.05, 0.0) + _hand_direction(t, t, v, 0.05, 0.0)) / 2
+    assert out.loss.item() == pytest.approx(expected, rel=1e-5)
+    out.loss.backward()
+    assert itc.temp.grad is not None and itc.vision_proj.weight.grad is not None
+
+
+def test_itc_queue_wraps_around_when_size_does_not_divide_batch() -> None:
+    itc = ITC(embed_dim=WIDTH, queue_size=5)
+    itc.build(_spec(momentum=True))
+    _identity_projections(itc)
+    written = []
+    for step in range(3):  # 3 × 3 = 9 features into a ring of 5
+        ctx = _ctx(batch=3, alpha=0.0, seed=step)
+        itc(ctx)
+        written.append(torch.tensor(_cls(ctx.image_tokens_m)))
+        itc.after_optimizer_step()
+    all_written = torch.cat(written)  # write order 0..8 → slots 0,1,2,3,4,0,1,2,3
+    assert itc.queue_ptr.item() == 9 % 5
+    expected_slots = {slot: all_written[i] for i, slot in enumerate(i % 5 for i in range(9))}
+    for slot, feature in expected_slots.items():
+        torch.testing.assert_close(itc.image_queue[:, slot], feature, atol=1e-6, rtol=0)
+
+
+def test_itc_publishes_local_similarities_and_clamps_temperature() -> None:
+    itc = ITC(embed_dim=WIDTH, queue_size=7, temperature=0.07)
+    itc.build(_spec(momentum=True))
+    with torch.no_grad():
+        itc.temp.fill_(5.0)
+    out = itc(_ctx(batch=3, alpha=0.4))
+    assert itc.temp.item() == pytest.approx(0.5)
+    assert out.publish["sim_i2t"].shape == (3, 3) and out.publish["sim_t2i"].shape == (3, 3)
+
+
+def test_itc_rejects_out_of_range_temperature() -> None:
+    with pytest.raises(ValueError, match="itc.temperature"):
+        ITC(temperature=0.9)
+
+
+def test_hard_negatives_never_equal_the_positive() -> None:
+    g = torch.Generator().manual_seed(0)
+    for batch in (2, 3, 17):
+        sim = torch.randn(batch, batch, generator=g) * 50  # peaked rows: underflow elsewhere
+        sim.diagonal().fill_(1e4)  # the positive dominates the softmax before masking
+        for _ in range(20):
+            drawn = sample_hard_negatives(sim, generator=g)
+            assert (drawn != torch.arange(batch)).all()
+
+
+def test_hard_negatives_follow_softmax_of_similarities() -> None:
+    sim = torch.tensor([[0.0, 3.0, 0.0], [0.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
+    g = torch.Generator().manual_seed(1)
+    draws = torch.stack([sample_hard_negatives(sim, generator=g) for _ in range(4000)])
+    # row 0: columns 1, 2 with weights e^3 : e^0
+    p_col1 = math.exp(3) / (math.exp(3) + 1)
+    assert (draws[:, 0] == 1).float().mean().item() == pytest.approx(p_col1, abs=0.03)
+    assert (draws[:, 1] == 0).float().mean().item() == pytest.approx(0.5, abs=0.03)
+    assert (draws[:, 2] == 0).float().mean().item() == pytest.approx(0.5, abs=0.03)
+
+
+def test_hard_negatives_respect_identity_exclusion() -> None:
+    ids = torch.tensor([0, 0, 1, 2])
+    same = ids[:, None] == ids[None, :]
+    g = torch.Generator().manual_seed(2)
+    for _ in range(50):
+        drawn = sample_hard_negatives(torch.zeros(4, 4), same, generator=g)
+        assert (ids[drawn] != ids).all()
+
+
+class _RecordingFusion:
+    """Stands in for the stream: returns random fused states and records what it was given."""
+
+    def __init__(self, width: int) -> None:
+        self.width = width
+        self.calls: list[dict] = []
+
+    def __call__(self, input_ids, attention_mask, image_tokens, **kwargs) -> SimpleNamespace:
+        self.calls.append({"input_ids": input_ids, "image_tokens": image_tokens, **kwargs})
+        n, length = input_ids.shape
+        self.last_output = torch.randn(n, length, self.width)
+        return SimpleNamespace(last_hidden_state=self.last_output)
+
+
+def test_itm_loss_and_batched_negative_pass_match_hand_computation() -> None:
+    batch, width = 4, WIDTH
+    itm = ITM()
+    itm.build(_spec(momentum=False))
+    fusion = _RecordingFusion(width)
+    image_tokens = torch.randn(batch, 3, width)
+    input_ids = torch.arange(batch * 5).view(batch, 5)
+    ctx = SimpleNamespace(
+        published={"itc": {"sim_i2t": torch.randn(batch, batch), "sim_t2i": torch.randn(batch, batch)}},
+        same_image=None,
+        image_tokens=image_tokens,
+        input_ids=input_ids,
+        attention_mask=torch.ones(batch, 5, dtype=torch.long),
+        single_stream=True,
+        fuse=fusion,
+    )
+    out = itm(ctx)
+    assert len(fusion.calls) == 1, "positives and negatives must be one fusion pass"
+    call = fusion.calls[0]
+    images, ids = call["image_tokens"], call["input_ids"]
+    assert images.shape[0] == ids.shape[0] == 3 * batch
+    torch.testing.assert_close(images[:batch], image_tokens)
+    torch.testing.assert_close(images[2 * batch :], image_tokens)
+    torch.testing.assert_close(ids[: 2 * batch], input_ids.repeat(2, 1))
+    for i in range(batch):  # negatives are other samples
+        assert not torch.equal(images[batch + i], image_tokens[i])
+        assert not torch.equal(ids[2 * batch + i], input_ids[i])
+
+    # hand cross-entropy over the recorded fused [CLS] states: positives first (label 1), then 2B negatives
+    w, b = itm.itm_head.weight.tolist(), itm.itm_head.bias.tolist()
+    expected = 0.0
+    for row, state in enumerate(fusion.last_output[:, 0].tolist()):
+        logits = [_dot(w[k], state) + b[k] for k in range(2)]
+        expected -= math.log(_softmax(logits)[1 if row < batch else 0])
+    assert out.loss.item() == pytest.approx(expected / (3 * batch), rel=1e-5)
+
+
+def test_recipe_slot_requirements_fail_before_training() -> None:
+    from vlalign.tasks.pretrain import PretrainRecipe
+
+    with pytest.raises(ValueError, match="model.itm requires model.itc"):
+        PretrainRecipe(itc=None, itm=ITM(), vision=_tiny_vision(), stream=_tiny_stream())
+
+
+def _tiny_vision():
+    from vlalign.models.vision import VisionConfig
+
+    return VisionConfig(name="vit_vlalign_tiny_patch8", img_size=32)
+
+
+def _tiny_stream():
+    from vlalign.models.stream import StreamConfig
+
+    return StreamConfig(vocab_size=50, hidden_size=64, num_layers=2, num_heads=2, intermediate_size=64, encoder_width=64)
+
