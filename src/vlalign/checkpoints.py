@@ -9,28 +9,43 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from vlalign.models.loading import read_state_dict
+
 log = logging.getLogger(__name__)
+
+
+def allow_config_classes_in_checkpoints() -> None:
+    """Let ``torch.load(weights_only=True)`` read vlalign checkpoints, whose hyper-parameters hold config dataclasses.
+
+    Only these plain data classes are allow-listed (no code runs when they are rebuilt), so Lightning's resume
+    (``--ckpt_path``, which loads with torch's default ``weights_only=True``) and ``init_from`` stay safe.
+    """
+    from vlalign.data.transforms import AugmentConfig
+    from vlalign.models.stream import StreamConfig
+    from vlalign.models.vision import VisionConfig
+    from vlalign.tasks.optim import OptimConfig
+    from vlalign.tokenization import VocabInfo
+
+    torch.serialization.add_safe_globals([VisionConfig, StreamConfig, OptimConfig, VocabInfo, AugmentConfig])
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
     """Tensors from a ``.safetensors`` file or a torch file loaded with ``weights_only=True``.
 
-    Lightning checkpoints (``state_dict``) and reference checkpoints (``model``) are unwrapped.
+    Reading is :func:`vlalign.models.loading.read_state_dict` (the one reader of weight files); Lightning
+    checkpoints (``state_dict``), reference checkpoints (``model``) and ``module`` wrappers are unwrapped here.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    return unwrap_state_dict(read_state_dict(path), source=path)
 
-        return load_file(str(path))
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+
+def unwrap_state_dict(obj: object, source: str | Path = "state dict") -> dict[str, Tensor]:
+    """The tensor dict inside a training checkpoint: the first of ``state_dict``, ``model``, ``module`` that is one."""
     for key in ("state_dict", "model", "module"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
             break
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a state dict, found {type(obj).__name__}")
+        raise ValueError(f"{source}: expected a state dict, found {type(obj).__name__}")
     return obj
 
 
@@ -62,7 +77,9 @@ def load_init_weights(model: nn.Module, path: str | Path) -> tuple[list[str], li
     if missing:
         log.warning("init_from %s: %d tensors not in the checkpoint: %s", path, len(missing), missing[:20])
     if result.unexpected_keys:
-        log.warning("init_from %s: %d unused tensors: %s", path, len(result.unexpected_keys), result.unexpected_keys[:20])
+        log.warning(
+            "init_from %s: %d unused tensors: %s", path, len(result.unexpected_keys), result.unexpected_keys[:20]
+        )
     return missing, list(result.unexpected_keys)
 
 
@@ -72,4 +89,3 @@ def _online_key(key: str) -> str | None:
         if part.endswith("_m"):
             return ".".join([*parts[:i], part[:-2], *parts[i + 1 :]])
     return None
-

@@ -32,12 +32,11 @@ def run_demo(out: Path, max_minutes: float, num_train: int, config: Path) -> dic
 
     start = time.time()
     data = out / "data"
-    if not (data / "retrieval_test.json").is_file():
-        write_synthetic(data, num_train=num_train, num_val=200, num_test=200)
+    synth = write_synthetic(data, num_train=num_train, num_val=200, num_test=200)  # deterministic, ~10 s
     common = [
         "--config", str(config),
         "--data.init_args.tokenizer", str(data / "tokenizer"),
-        "--data.init_args.train_shards", str(data / "shards" / "train" / "{000000..000099}.tar"),
+        "--data.init_args.train_shards", synth.shard_urls("train"),
         "--data.init_args.val_retrieval", str(data / "retrieval_val.json"),
         "--data.init_args.test_retrieval", str(data / "retrieval_test.json"),
         "--trainer.logger.init_args.save_dir", str(out / "runs"),

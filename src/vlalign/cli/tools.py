@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from jsonargparse import auto_cli
 
 
@@ -14,4 +16,17 @@ def data_command(args: list[str]) -> None:
     print(result)
 
 
-TOOLS = {"data": data_command}
+def convert_command(args: list[str]) -> None:
+    """``vlalign convert reference|bert|timm|dvae``: import weights into a vlalign ``init_from`` safetensors file."""
+    from vlalign.convert import ConversionError, convert_bert, convert_dvae, convert_reference, convert_timm
+
+    kinds = {"reference": convert_reference, "bert": convert_bert, "timm": convert_timm, "dvae": convert_dvae}
+    try:
+        result = auto_cli(kinds, args=args, as_positional=False)
+    except (ConversionError, PermissionError) as err:
+        print(f"vlalign convert: {err}", file=sys.stderr)
+        raise SystemExit(1) from err
+    print(result)
+
+
+TOOLS = {"data": data_command, "convert": convert_command}

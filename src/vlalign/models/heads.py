@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import Tensor, nn
 
-from vlalign.models.stream import StreamConfig
+from vlalign.models.loading import LoadReport, read_state_dict
+from vlalign.models.stream import StreamConfig, hf_key
 
 
 class PredictionTransform(nn.Module):
@@ -40,3 +43,26 @@ class MaskedLMHead(nn.Module):
 
     def forward(self, hidden: Tensor) -> Tensor:
         return self.decoder(self.transform(hidden)) + self.bias
+
+
+MLM_PREFIX = "cls.predictions."
+
+
+def load_hf_mlm_head(head: MaskedLMHead, path: str | Path) -> LoadReport:
+    """Initialise the MLM head from a Hugging Face ``BertForMaskedLM`` checkpoint (``cls.predictions.*``), as the
+    reference's ``from_pretrained`` does. The decoder stays tied to the word embeddings (loaded with the stream)."""
+    state = read_state_dict(path)
+    own = head.state_dict()
+    report = LoadReport()
+    values: dict[str, Tensor] = {}
+    for key, value in state.items():
+        name = hf_key(key)
+        if not name.startswith(MLM_PREFIX):
+            continue
+        name = name[len(MLM_PREFIX) :]
+        if name in own and name != "decoder.weight":
+            values[name] = value
+            report.loaded.append(name)
+    report.missing = [k for k in own if k not in values and k != "decoder.weight"]
+    head.load_state_dict({**own, **values})
+    return report

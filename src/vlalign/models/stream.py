@@ -421,7 +421,7 @@ class SingleStreamTransformer(nn.Module):
         )
 
 
-def _hf_key(key: str) -> str:
+def hf_key(key: str) -> str:
     """Map a BERT checkpoint key to ours: drop the ``bert.`` prefix, rename legacy TF LayerNorm gamma/beta."""
     if key.startswith("bert."):
         key = key[len("bert.") :]
@@ -444,7 +444,7 @@ def load_hf_bert(stream: SingleStreamTransformer, path: str | Path) -> LoadRepor
     selected: dict[str, Tensor] = {}
     unexpected: list[str] = []
     for key, value in raw.items():
-        name = _hf_key(key)
+        name = hf_key(key)
         if name not in own:
             unexpected.append(key)
             continue
