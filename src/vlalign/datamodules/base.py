@@ -19,8 +19,8 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from vlalign.data.masking import BlockMaskGenerator
-from vlalign.data.transforms import AugmentConfig, EvalTransform, PretrainTransform
-from vlalign.datamodules.collate import PretrainCollate, SampleProcessor
+from vlalign.data.transforms import DEFAULT_MAX_PIXELS, AugmentConfig, EvalTransform, PretrainTransform
+from vlalign.datamodules.collate import PretrainCollate, SampleProcessor, SkipGuard
 from vlalign.datamodules.retrieval import RetrievalCollate, RetrievalEvalDataset
 from vlalign.tokenization import VocabInfo, load_tokenizer, vocab_info
 
@@ -62,6 +62,11 @@ class PretrainDataModule(L.LightningDataModule):
         pin_memory: Pin host memory of batches for faster copies to the GPU.
         persistent_workers: Keep workers alive between epochs (only applies when ``num_workers > 0``).
         seed: Base seed of the data order (shard shuffles, block masks); the same on every process.
+        max_skip_fraction: Stop the run with :class:`~vlalign.datamodules.collate.TooManyBadSamples` when more
+            than this fraction of the training records a data worker read were unusable (1.0: never stop).
+        skip_check_after: Records a data worker must have read before ``max_skip_fraction`` applies.
+        max_image_pixels: Images whose header declares more pixels are skipped as decompression bombs
+            before any pixel is decoded.
     """
 
     def __init__(
@@ -83,6 +88,9 @@ class PretrainDataModule(L.LightningDataModule):
         pin_memory: bool = True,
         persistent_workers: bool = True,
         seed: int = 0,
+        max_skip_fraction: float = 0.1,
+        skip_check_after: int = 1000,
+        max_image_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         super().__init__()
         for key, value in (("image_size", image_size), ("batch_size", batch_size), ("max_words", max_words)):
@@ -91,6 +99,10 @@ class PretrainDataModule(L.LightningDataModule):
         require_positive(num_workers, "num_workers", minimum=0)
         require_positive(max_length, "max_length", minimum=2)
         require_positive(eval_max_length, "eval_max_length", minimum=2)
+        require_positive(skip_check_after, "skip_check_after")
+        require_positive(max_image_pixels, "max_image_pixels")
+        if not 0.0 <= max_skip_fraction <= 1.0:
+            raise ValueError(f"max_skip_fraction must be in [0, 1], got {max_skip_fraction}")
         if tokenizer_view_size is not None:
             require_positive(tokenizer_view_size, "tokenizer_view_size")
         if mask_patch_size is not None:
@@ -114,6 +126,9 @@ class PretrainDataModule(L.LightningDataModule):
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
         self.seed = seed
+        self.max_skip_fraction = max_skip_fraction
+        self.skip_check_after = skip_check_after
+        self.max_image_pixels = max_image_pixels
         self.val_dataset: RetrievalEvalDataset | None = None
         self.test_dataset: RetrievalEvalDataset | None = None
 
@@ -141,10 +156,19 @@ class PretrainDataModule(L.LightningDataModule):
         transform = PretrainTransform(self.image_size, self.augment, self.tokenizer_view_size)
         grid = self.patch_grid
         mask_generator = BlockMaskGenerator(grid=grid) if grid is not None else None
-        return SampleProcessor(transform, self.max_words, mask_generator)
+        return SampleProcessor(transform, self.max_words, mask_generator, max_pixels=self.max_image_pixels)
 
-    def build_collate(self) -> PretrainCollate:
-        return PretrainCollate(self.tokenizer, self.max_length)
+    def build_collate(self, guard: SkipGuard | None = None) -> PretrainCollate:
+        return PretrainCollate(self.tokenizer, self.max_length, guard)
+
+    @property
+    def data_source(self) -> str:
+        """Where training records come from, as error messages name it; subclasses say more."""
+        return type(self).__name__
+
+    def build_skip_guard(self) -> SkipGuard:
+        """A fresh skip counter; every pipeline copy (worker) gets its own through pickling."""
+        return SkipGuard(self.max_skip_fraction, self.skip_check_after, self.data_source)
 
     def resolve_root(self, json_file: str | Path) -> Path:
         """Where relative image paths of ``json_file`` point: ``image_root`` if set, else the file's directory."""

@@ -12,7 +12,14 @@ from typing import Any
 from torch.utils.data import DataLoader, Dataset
 
 from vlalign.datamodules.base import PretrainDataModule, require_path
-from vlalign.datamodules.collate import MISSING_CAPTION, MISSING_FILE, Sample, SampleProcessor, SkippedSample
+from vlalign.datamodules.collate import (
+    MISSING_CAPTION,
+    MISSING_FILE,
+    MISSING_IMAGE,
+    Sample,
+    SampleProcessor,
+    SkippedSample,
+)
 from vlalign.datamodules.retrieval import load_annotations
 
 
@@ -20,23 +27,29 @@ class JsonCaptionDataset(Dataset):
     """Map-style dataset over the concatenated entries of one or more caption lists.
 
     A caption list yields one caption chosen uniformly at every access (as the reference does). A bad entry
-    (missing file, undecodable image, empty caption) yields a :class:`SkippedSample` marker that the collate
-    drops and counts, because a map-style dataset cannot skip an index by itself.
+    (no image, missing file, undecodable image, no or empty caption) yields a :class:`SkippedSample` marker
+    that the collate drops and counts, because a map-style dataset cannot skip an index by itself.
+
+    ``entries`` are ``(image path, caption)`` pairs; an entry without a usable image path is ``(key, caption)``
+    with a ``str`` key naming the entry (``file.json#position``), and is always skipped as "missing_image".
     """
 
-    def __init__(self, entries: list[tuple[Path, Any]], processor: SampleProcessor) -> None:
+    def __init__(self, entries: list[tuple[Path | str, Any]], processor: SampleProcessor) -> None:
         self.entries = entries
         self.processor = processor
 
     @classmethod
     def from_files(cls, files: list[str | Path], processor: SampleProcessor, roots: list[Path]) -> JsonCaptionDataset:
         """Read every file; relative image paths of ``files[i]`` are resolved against ``roots[i]``."""
-        entries: list[tuple[Path, Any]] = []
+        entries: list[tuple[Path | str, Any]] = []
         for json_file, root in zip(files, roots, strict=True):
             for position, entry in enumerate(load_annotations(json_file)):
-                if not isinstance(entry, dict) or "image" not in entry:
-                    raise ValueError(f"{json_file}: entry {position} has no 'image' key")
-                entries.append((root / entry["image"], entry.get("caption")))
+                image = entry.get("image") if isinstance(entry, dict) else None
+                caption = entry.get("caption") if isinstance(entry, dict) else None
+                if isinstance(image, str) and image:
+                    entries.append((root / image, caption))
+                else:  # counted when drawn, like every other bad sample, rather than failing the whole file
+                    entries.append((f"{json_file}#{position}", caption))
         return cls(entries, processor)
 
     def __len__(self) -> int:
@@ -45,6 +58,8 @@ class JsonCaptionDataset(Dataset):
     def __getitem__(self, index: int) -> Sample | SkippedSample:
         path, caption = self.entries[index]
         key = str(path)
+        if not isinstance(path, Path):
+            return SkippedSample(key, MISSING_IMAGE)
         if isinstance(caption, list):
             caption = random.choice(caption) if caption else None
         if caption is not None and not isinstance(caption, str):
@@ -72,6 +87,11 @@ class JsonCaptionDataModule(PretrainDataModule):
         self.train_files = [require_path(path, "train_files") for path in train_files]
         self.train_dataset: JsonCaptionDataset | None = None
 
+    @property
+    def data_source(self) -> str:
+        root = f" (images under {self.image_root})" if self.image_root is not None else ""
+        return "train_files " + ", ".join(str(path) for path in self.train_files) + root
+
     def setup(self, stage: str | None = None) -> None:
         super().setup(stage)
         if stage in (None, "fit") and self.train_dataset is None:
@@ -86,6 +106,6 @@ class JsonCaptionDataModule(PretrainDataModule):
             batch_size=self.batch_size,
             shuffle=True,
             drop_last=True,
-            collate_fn=self.build_collate(),
+            collate_fn=self.build_collate(self.build_skip_guard()),
             **self.loader_kwargs(),
         )

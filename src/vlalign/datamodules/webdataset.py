@@ -12,24 +12,38 @@ import json
 import logging
 import random
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 import webdataset as wds
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.shardlists import expand_urls
 
+from vlalign.data.transforms import BadSampleError
 from vlalign.datamodules.base import PretrainDataModule
-from vlalign.datamodules.collate import SHARD_ERROR, PretrainCollate, SampleProcessor, SkippedSample
+from vlalign.datamodules.collate import (
+    CAPTION_ENCODING,
+    SHARD_ERROR,
+    PretrainCollate,
+    SampleProcessor,
+    SkipGuard,
+    SkippedSample,
+)
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
 # Consecutive unreadable shards (no batch in between) after which a stream gives up instead of spinning forever.
 _MAX_SHARD_ERRORS_PER_BATCH = 1000
+#: Batch entry ``(role, records read, batches made)``: where the producing stream stood after this batch. The data
+#: module pops it before the batch reaches the model and keeps the latest per role, to resume mid-epoch.
+POSITION_KEY = "stream_position"
 
 
 @dataclass
@@ -48,6 +62,88 @@ def stable_seed(*parts: int | str) -> int:
     return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little")
 
 
+@contextmanager
+def _sample_rng(seed: int, isolate: bool) -> Iterator[random.Random]:
+    """Seed the generators one record's augmentation draws from (torch CPU, Python, NumPy) from ``seed``.
+
+    Augmentations then depend only on (seed, epoch, rank, role, record index): identical after a resume that
+    skipped records undecoded, and independent of how many batches were prefetched. ``isolate`` restores the
+    global states afterwards, for streams read in the training process itself (``num_workers=0``).
+    """
+    if isolate:
+        saved = torch.default_generator.get_state(), random.getstate(), np.random.get_state()
+    torch.default_generator.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    try:
+        yield random.Random(seed + 1)
+    finally:
+        if isolate:
+            torch.default_generator.set_state(saved[0])
+            random.setstate(saved[1])
+            np.random.set_state(saved[2])
+
+
+class _RecordCursor:
+    """Iterator over a stream's raw records that first drops ``start`` of them undecoded, then counts the rest."""
+
+    def __init__(self, records: Iterator[dict[str, Any]], start: int, skipped: Counter[str]) -> None:
+        self.records = records
+        self.position = start  # records consumed so far, the dropped ones included
+        self._drop = start
+        self._skipped = skipped
+
+    def __iter__(self) -> _RecordCursor:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        if self._drop:
+            dropped = sum(1 for _ in itertools.islice(self.records, self._drop))
+            if dropped < self._drop:
+                log.warning("resume: the stream ended after %d of %d records to skip", dropped, self._drop)
+            self._drop = 0
+            self._skipped.clear()  # shard errors met again while skipping were counted before the interruption
+        record = next(self.records)
+        self.position += 1
+        return record
+
+
+class _SampleSeeds:
+    """Per-record generators for :meth:`ShardStream._batches`, keyed by the index of the record just read."""
+
+    def __init__(self, cursor: _RecordCursor, isolate: bool, *parts: int | str) -> None:
+        self.cursor = cursor
+        self.isolate = isolate
+        self.parts = parts
+
+    def sample(self) -> Any:
+        return _sample_rng(stable_seed(*self.parts, self.cursor.position - 1), self.isolate)
+
+
+def _mix(
+    streams: list[Iterator[dict[str, Any]]], weights: list[float], longest: bool, rng: random.Random
+) -> Iterator[dict[str, Any]]:
+    """``wds.RandomMix`` with a seeded generator instead of Python's global one, so the mix is reproducible."""
+    streams, weights = list(streams), list(weights)
+    while streams:
+        index = rng.choices(range(len(streams)), weights=weights)[0]
+        try:
+            yield next(streams[index])
+        except StopIteration:
+            if not longest:
+                return
+            del streams[index], weights[index]
+
+
+@dataclass
+class _StreamPosition:
+    """Per worker role: ``[records read, batches made]`` after the role's latest batch that reached the model."""
+
+    epoch: int
+    roles: list[list[int]]
+    last_role: int | None = None
+
+
 def _is_local(url: str) -> bool:
     return "://" not in url and not url.startswith("pipe:")
 
@@ -59,13 +155,19 @@ def raw_image(sample: dict[str, Any]) -> bytes | None:
     return None
 
 
-def raw_caption(sample: dict[str, Any]) -> str | None:
-    """The caption from ``KEY.txt``, else from ``KEY.json``'s "caption" field (img2dataset writes both)."""
+def raw_caption(sample: dict[str, Any]) -> bytes | str | None:
+    """The caption from ``KEY.txt`` (raw bytes: :class:`SampleProcessor` decodes them strictly as UTF-8), else
+    from ``KEY.json``'s "caption" field (img2dataset writes both); None when there is none.
+
+    Raises :class:`BadSampleError` ("caption_encoding") when ``KEY.json`` is not valid Unicode.
+    """
     if "txt" in sample:
-        return sample["txt"].decode("utf-8", errors="replace")
+        return bytes(sample["txt"])
     if "json" in sample:
         try:
             caption = json.loads(sample["json"]).get("caption")
+        except UnicodeDecodeError as err:
+            raise BadSampleError(CAPTION_ENCODING, f"KEY.json is not UTF-8: {err}") from err
         except (ValueError, AttributeError):
             return None
         return caption if isinstance(caption, str) else None
@@ -75,12 +177,17 @@ def raw_caption(sample: dict[str, Any]) -> str | None:
 class _ShardErrorCounter:
     """webdataset exception handler: count an unreadable shard or tar member, and go on with the next one."""
 
-    def __init__(self, skipped: Counter[str]) -> None:
+    def __init__(self, skipped: Counter[str], guard: SkipGuard | None = None) -> None:
         self.skipped = skipped
+        self.guard = guard
 
     def __call__(self, exn: Exception) -> bool:
         self.skipped[SHARD_ERROR] += 1
         log.warning("skipping unreadable shard data: %r", exn)
+        if self.guard is not None:
+            # webdataset appends the shard's url to the exception's args
+            url = exn.args[-1] if len(exn.args) > 1 and isinstance(exn.args[-1], str) else None
+            self.guard.bad(SHARD_ERROR, where=url)
         if self.skipped[SHARD_ERROR] > _MAX_SHARD_ERRORS_PER_BATCH:
             raise RuntimeError(f"{self.skipped[SHARD_ERROR]} shard errors without a single batch") from exn
         return True
@@ -93,6 +200,9 @@ class ShardStream(IterableDataset):
     (rank, worker) pair every ``world_size * num_workers``-th shard, so an epoch reads every sample once.
     Resampled mode draws shards with replacement, independently per (rank, worker), and stops after
     ``batches_per_epoch`` batches for this process, spread evenly over the workers.
+
+    ``guard``, when given, counts every record read and skipped (an unreadable shard counts as one) and stops
+    the stream with :class:`~vlalign.datamodules.collate.TooManyBadSamples` when the data is mostly broken.
     """
 
     def __init__(
@@ -107,8 +217,11 @@ class ShardStream(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         batches_per_epoch: int | None = None,
+        guard: SkipGuard | None = None,
     ) -> None:
         super().__init__()
+        # Set by the data module on a resumed run: {"epoch", "offset", "roles": [[records, batches], ...]}.
+        self.resume: dict[str, Any] | None = None
         self.urls = [expand_urls(source.urls) for source in sources]
         self.weights = [source.weight for source in sources]
         self.processor = processor
@@ -120,6 +233,7 @@ class ShardStream(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.batches_per_epoch = batches_per_epoch
+        self.guard = guard
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -136,20 +250,31 @@ class ShardStream(IterableDataset):
         epoch, self.epoch = self.epoch, self.epoch + 1
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        resume, self.resume = self.resume, None
+        if resume is not None and resume["epoch"] != epoch:
+            resume = None
+        # The DataLoader takes batches from workers 0, 1, ... in turn. A resumed run rotates which part of the
+        # epoch ("role") each worker reads, so that its worker 0 continues the role whose turn was next.
+        role = (worker + (resume["offset"] if resume else 0)) % num_workers
+        records_done, batches_done = resume["roles"][role] if resume else (0, 0)
         skipped: Counter[str] = Counter()
-        handler = _ShardErrorCounter(skipped)
-        streams = [self._source_samples(index, epoch, worker, num_workers, handler) for index in range(len(self.urls))]
+        handler = _ShardErrorCounter(skipped, self.guard)
+        streams = [self._source_samples(index, epoch, role, num_workers, handler) for index in range(len(self.urls))]
         if len(streams) == 1:
             samples: Iterator[dict[str, Any]] = streams[0]
         else:
             # Exact epochs drain every source; resampled sources never end, so `longest` does not matter there.
-            samples = iter(wds.RandomMix(streams, probs=self.weights, longest=not self.resampled))
-        rng = random.Random(stable_seed(self.seed, epoch, self.rank, worker, "masks"))
-        batches = self._batches(samples, skipped, rng)
+            mix_rng = random.Random(stable_seed(self.seed, epoch, self.rank, role, "mix"))
+            samples = _mix(streams, self.weights, longest=not self.resampled, rng=mix_rng)
+        cursor = _RecordCursor(samples, records_done, skipped)
+        seeds = _SampleSeeds(cursor, info is None, self.seed, epoch, self.rank, role, "sample")
+        batches: Iterable[dict[str, Any]] = self._batches(cursor, skipped, seeds)
         if self.batches_per_epoch is not None:
             share, extra = divmod(self.batches_per_epoch, num_workers)
-            batches = itertools.islice(batches, share + (1 if worker < extra else 0))
-        yield from batches
+            batches = itertools.islice(batches, max(0, share + (1 if role < extra else 0) - batches_done))
+        for made, batch in enumerate(batches, start=batches_done + 1):
+            batch[POSITION_KEY] = (role, cursor.position, made)
+            yield batch
 
     def _source_samples(
         self, index: int, epoch: int, worker: int, num_workers: int, handler: _ShardErrorCounter
@@ -170,21 +295,34 @@ class ShardStream(IterableDataset):
         return iter(samples)
 
     def _batches(
-        self, samples: Iterator[dict[str, Any]], skipped: Counter[str], rng: random.Random
+        self, samples: Iterator[dict[str, Any]], skipped: Counter[str], seeds: _SampleSeeds
     ) -> Iterator[dict[str, Any]]:
         """Decode, skip-and-count, and batch; a final partial batch is dropped (the model wants full ones)."""
         pending = []
+        produced = False
         for raw in samples:
-            item = self.processor(raw["__key__"], raw_image(raw), raw_caption(raw), rng)
+            key = raw.get("__key__", "?")
+            try:
+                with seeds.sample() as rng:
+                    item = self.processor(key, raw_image(raw), raw_caption(raw), rng)
+            except BadSampleError as err:
+                item = SkippedSample(key, err.reason)
             if isinstance(item, SkippedSample):
                 skipped[item.reason] += 1
+                if self.guard is not None:
+                    self.guard.bad(item.reason, where=raw.get("__url__"))
                 continue
+            if self.guard is not None:
+                self.guard.good()
             pending.append(item)
             if len(pending) == self.batch_size:
                 batch = self.collate(pending, skipped)
                 skipped.clear()
                 pending = []
+                produced = True
                 yield batch
+        if not produced and not pending and self.guard is not None and self.guard.seen:
+            self.guard.check(force=True)  # every record read was unusable: not one batch came out of them
 
 
 class ShardLoader(DataLoader):
@@ -201,6 +339,14 @@ class ShardLoader(DataLoader):
         self.dataset.set_epoch(self.next_epoch)  # type: ignore[attr-defined]
         self.next_epoch += 1
         return super().__iter__()
+
+    # The position inside an epoch is checkpointed by ShardDataModule (it sees which batches reached the model,
+    # prefetched ones excluded); these tell Lightning that this loader resumes mid-epoch.
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass
 
 
 def check_sources(sources: list[ShardSource]) -> None:
@@ -258,6 +404,12 @@ class ShardDataModule(PretrainDataModule):
         self.shuffle_buffer = shuffle_buffer
         self.resampled = resampled
         self.samples_per_epoch = samples_per_epoch
+        self._position: _StreamPosition | None = None  # this process's place in the current epoch
+        self._loaded_position: dict[str, Any] | None = None  # from a checkpoint, until the train loader is built
+
+    @property
+    def data_source(self) -> str:
+        return "train_shards " + ", ".join(source.urls for source in self.sources)
 
     def train_dataloader(self) -> ShardLoader:
         rank, world_size = self.process_group()
@@ -282,7 +434,68 @@ class ShardDataModule(PretrainDataModule):
             rank=rank,
             world_size=world_size,
             batches_per_epoch=batches,
+            guard=self.build_skip_guard(),
         )
         loader = ShardLoader(stream, batch_size=None, **self.loader_kwargs())
         loader.next_epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        stream.resume = self._resume_point(loader.next_epoch, rank, world_size)
         return loader
+
+    # -- mid-epoch resumption ----------------------------------------------------------------------------------
+    @property
+    def _roles(self) -> int:
+        return max(1, self.num_workers)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Record where the stream stands after each training batch that reaches the model."""
+        if isinstance(batch, dict) and POSITION_KEY in batch:
+            role, records, made = batch.pop(POSITION_KEY)
+            epoch = self.trainer.current_epoch if self.trainer is not None else 0
+            if self._position is None or self._position.epoch != epoch:
+                self._position = _StreamPosition(epoch, [[0, 0] for _ in range(self._roles)])
+            self._position.roles[role] = [int(records), int(made)]
+            self._position.last_role = int(role)
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """The epoch and, per process and per worker role, the records and batches consumed in it (checkpointed)."""
+        position = self._position
+        if position is None or position.last_role is None:
+            return {}
+        rank, world_size = self.process_group()
+        flat = [position.last_role, *itertools.chain.from_iterable(position.roles)]
+        if world_size > 1 and self.trainer is not None:  # every rank saves; each read its own records
+            strategy = self.trainer.strategy
+            local = torch.tensor(flat, dtype=torch.long, device=strategy.root_device)
+            rows = strategy.all_gather(local).reshape(world_size, -1).tolist()
+        else:
+            rows = [flat]
+        ranks = [{"last_role": row[0], "roles": [row[i : i + 2] for i in range(1, len(row), 2)]} for row in rows]
+        return {
+            "shard_stream": {
+                "epoch": position.epoch,
+                "world_size": world_size,
+                "num_workers": self._roles,
+                "ranks": ranks,
+            }
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loaded_position = state_dict.get("shard_stream")
+
+    def _resume_point(self, epoch: int, rank: int, world_size: int) -> dict[str, Any] | None:
+        """What this process's stream skips to continue the checkpointed epoch; None to start ``epoch`` afresh."""
+        saved, self._loaded_position = self._loaded_position, None
+        if saved is None or saved["epoch"] != epoch:
+            return None  # no checkpoint, or it was taken at the end of its epoch
+        if (saved["world_size"], saved["num_workers"]) != (world_size, self._roles):
+            rank_zero_warn(
+                f"the checkpoint's data position is for {saved['world_size']} process(es) x {saved['num_workers']} "
+                f"reader(s) (num_workers), this run has {world_size} x {self._roles}: epoch {epoch} restarts from "
+                "its beginning, so some of its samples are seen twice. Resume with the same layout to avoid this."
+            )
+            return None
+        mine = saved["ranks"][rank]
+        roles = [list(map(int, entry)) for entry in mine["roles"]]
+        self._position = _StreamPosition(epoch, [list(entry) for entry in roles], mine["last_role"])
+        return {"epoch": epoch, "offset": (mine["last_role"] + 1) % self._roles, "roles": roles}

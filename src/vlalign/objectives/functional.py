@@ -29,10 +29,9 @@ def contrastive_loss(sim_i2t: Tensor, sim_t2i: Tensor, targets_i2t: Tensor, targ
 
 def positive_targets(batch: int, num_candidates: int, device: torch.device, offset: int = 0) -> Tensor:
     """One-hot targets: row ``i``'s positive is candidate ``offset + i`` (offset = rank · local batch under DDP)."""
-    targets = torch.zeros(batch, num_candidates, device=device)
-    rows = torch.arange(batch, device=device)
-    targets[rows, rows + offset] = 1.0
-    return targets
+    rows = torch.arange(batch, device=device)[:, None] + offset
+    # a comparison, not an index_put: writing through index tensors syncs with the host on CUDA
+    return (torch.arange(num_candidates, device=device)[None, :] == rows).float()
 
 
 @torch.no_grad()
@@ -40,7 +39,7 @@ def sample_hard_negatives(sim: Tensor, exclude: Tensor | None = None, generator:
     """For each row of ``sim`` draw one column with probability ``softmax(sim_row)`` over the allowed columns.
 
     ``exclude`` (bool, same shape) marks columns that are not negatives — at least the positive. Defaults to the
-    diagonal. All rows are drawn at once (``torch.multinomial`` on a matrix); the reference loops over the batch with
+    diagonal. All rows are drawn at once; the reference loops over the batch with
     one ``.item()`` sync per draw and crashes when a row underflows. Masking with ``-inf`` *before* the softmax keeps
     every row a valid distribution as long as one column is allowed.
     """
@@ -52,7 +51,10 @@ def sample_hard_negatives(sim: Tensor, exclude: Tensor | None = None, generator:
     # own positive, so it still gets a (possibly false) negative instead of an invalid distribution.
     exclude = torch.where(exclude.all(dim=1, keepdim=True), eye, exclude)
     weights = sim.float().masked_fill(exclude, float("-inf")).softmax(dim=1)
-    return torch.multinomial(weights, 1, generator=generator).squeeze(1)
+    # torch.multinomial(weights, 1) draws exactly this way (exponential race, argmax), but first validates the
+    # weights with .item() calls: host syncs. The masking above keeps every row valid, so draw directly.
+    race = torch.empty_like(weights).exponential_(1, generator=generator)
+    return (weights / race).argmax(dim=1)
 
 
 def mask_tokens(
@@ -83,16 +85,30 @@ def mask_tokens(
     return corrupted, labels
 
 
-def distilled_cross_entropy(logits: Tensor, labels: Tensor, teacher_logits: Tensor | None, alpha: float) -> Tensor:
+def distilled_cross_entropy(
+    logits: Tensor, labels: Tensor, teacher_logits: Tensor | None, alpha: float, valid: Tensor | None = None
+) -> Tensor:
     """``(1−α)·CE(logits, labels) + α·mean(−Σ_v softmax(teacher)_v · log_softmax(logits)_v)`` over rows.
 
     The soft term is over the class (vocabulary) axis: the reference takes SIMLA's MLM log-softmax over the
     sequence axis, a defect (method note §8.1.2) fixed here.
+
+    ``valid`` (bool, one entry per row) restricts both means to the rows it marks: the same value as gathering
+    those rows first, without the boolean indexing that needs their count on the host (a device sync).
     """
-    hard = F.cross_entropy(logits.float(), labels)
+    if valid is None:
+        hard = F.cross_entropy(logits.float(), labels)
+    else:
+        weight = valid.float()
+        count = weight.sum()
+        hard = (F.cross_entropy(logits.float(), labels, reduction="none") * weight).sum() / count
     if teacher_logits is None or alpha == 0.0:
         return hard
-    soft = soft_cross_entropy(logits, F.softmax(teacher_logits.float(), dim=-1))
+    targets = F.softmax(teacher_logits.float(), dim=-1)
+    if valid is None:
+        soft = soft_cross_entropy(logits, targets)
+    else:
+        soft = ((-(targets * F.log_softmax(logits.float(), dim=-1)).sum(-1)) * weight).sum() / count
     return (1.0 - alpha) * hard + alpha * soft
 
 
@@ -130,7 +146,8 @@ def keyword_targets(
     token_ids = torch.gather(input_ids, 1, top)
     targets = torch.zeros(batch, vocab_size, device=cls_attention.device)
     targets.scatter_reduce_(1, token_ids, chosen.float(), reduce="amax")  # a repeated id stays positive
-    targets[:, list(special_ids)] = 0.0
+    for special in special_ids:  # integer indexing: a list index would be copied to the device (a sync)
+        targets[:, special] = 0.0
     return targets
 
 

@@ -36,16 +36,28 @@ class ImageTargets(nn.Module):
     def targets(self, batch: dict[str, Any]) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def loss(self, prediction: Tensor, target: Tensor, teacher: Tensor | None, alpha: float) -> Tensor:
-        """Loss at masked positions: prediction [M, C], target [M] or [M, D], teacher prediction [M, C] or None."""
+    def loss(
+        self, prediction: Tensor, target: Tensor, teacher: Tensor | None, alpha: float, valid: Tensor | None = None
+    ) -> Tensor:
+        """Loss at masked positions: prediction [M, C], target [M] or [M, D], teacher prediction [M, C] or None.
+
+        ``valid`` ([M] bool) keeps only the rows it marks (all positions in, masked ones counted: no device sync).
+        """
         from vlalign.objectives.functional import distilled_cross_entropy
 
         if self.num_classes:
-            return distilled_cross_entropy(prediction, target, teacher, alpha)
-        hard = F.mse_loss(prediction.float(), target.float())
+            return distilled_cross_entropy(prediction, target, teacher, alpha, valid)
+
+        def mse(a: Tensor, b: Tensor) -> Tensor:
+            if valid is None:
+                return F.mse_loss(a.float(), b.float())
+            weight = valid.float()
+            return (F.mse_loss(a.float(), b.float(), reduction="none").mean(-1) * weight).sum() / weight.sum()
+
+        hard = mse(prediction, target)
         if teacher is None or alpha == 0.0:
             return hard
-        return (1.0 - alpha) * hard + alpha * F.mse_loss(prediction.float(), teacher.float())
+        return (1.0 - alpha) * hard + alpha * mse(prediction, teacher)
 
 
 class PixelTargets(ImageTargets):

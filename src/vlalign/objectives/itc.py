@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlalign.distributed import all_gather_no_grad, all_gather_with_grad, rank
+from vlalign.distributed import all_gather_no_grad, all_gather_with_grad, rank, world_size
 from vlalign.objectives.base import BuildSpec, Objective, ObjectiveOutput, register_objective
 from vlalign.objectives.functional import contrastive_loss, distillation_targets, positive_targets
 
@@ -26,6 +26,13 @@ class ITC(Objective):
     - the queue needs no ``queue_size % global_batch == 0``: writes wrap around the ring buffer;
     - ``gather_features`` also puts other ranks' current features among the candidates (the reference sees them only
       one step later, through the queue); ``gather_with_grad`` lets gradients flow through them (open_clip style).
+
+    The queues are always filled with the momentum features of every rank (gathered in rank order), as the
+    reference does, so they hold the same contents on every rank.
+
+    Publishes ``sim_i2t`` / ``sim_t2i`` (similarities to this rank's samples, [B, B]), ``sim_i2t_global`` /
+    ``sim_t2i_global`` (to the samples of every rank whose features were gathered, [B, W·B] with
+    ``gather_features``, else the local [B, B]) and the features.
 
     Args:
         weight: weight of this loss in the total.
@@ -117,6 +124,8 @@ class ITC(Objective):
                 if self.queue_size > 0:
                     image_cands = torch.cat([image_bank, self.image_queue.t()], dim=0)
                     text_cands = torch.cat([text_bank, self.text_queue.t()], dim=0)
+                    if not self.gather_features:  # the queues take every rank's features all the same
+                        image_bank, text_bank = all_gather_no_grad(image_feat_m), all_gather_no_grad(text_feat_m)
             if self.queue_size > 0:
                 self._pending.append((image_bank, text_bank))
         else:
@@ -133,11 +142,14 @@ class ITC(Objective):
         loss = contrastive_loss(sim_i2t, sim_t2i, targets_i2t, targets_t2i)
 
         local = slice(offset, offset + batch)
+        current = batch * world_size() if self.gather_features else batch  # candidates of this step, before the queue
         publish = {
             "image_feat": image_feat,
             "text_feat": text_feat,
             "sim_i2t": sim_i2t[:, local],
             "sim_t2i": sim_t2i[:, local],
+            "sim_i2t_global": sim_i2t[:, :current],
+            "sim_t2i_global": sim_t2i[:, :current],
         }
         if image_feat_m is not None:
             publish["image_feat_m"] = image_feat_m
@@ -162,6 +174,7 @@ class ITC(Objective):
             self.queue_ptr.add_(n - self.queue_size)
             n = self.queue_size
         idx = (self.queue_ptr + torch.arange(n, device=self.queue_ptr.device)) % self.queue_size
-        self.image_queue[:, idx] = image_feat.t().to(self.image_queue.dtype)
-        self.text_queue[:, idx] = text_feat.t().to(self.text_queue.dtype)
+        # index_copy_, not `queue[:, idx] = ...`: writing through an index tensor syncs with the host on CUDA
+        self.image_queue.index_copy_(1, idx, image_feat.t().to(self.image_queue.dtype))
+        self.text_queue.index_copy_(1, idx, text_feat.t().to(self.text_queue.dtype))
         self.queue_ptr.copy_((self.queue_ptr + n) % self.queue_size)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlalign.distributed import all_gather_no_grad, all_gather_with_grad, rank, world_size
 from vlalign.objectives.base import BuildSpec, Objective, ObjectiveOutput, register_objective
 from vlalign.objectives.functional import sample_hard_negatives
 
@@ -24,19 +25,29 @@ class ITM(Objective):
     negative sets go through the fusion encoder as one batch of ``3B``. The reference draws each negative with a
     separate ``multinomial(...).item()`` (``2B`` host syncs per step) and runs three fusion passes.
 
+    With ``global_negatives`` each rank draws its negatives from the samples of *every* rank (the global batch),
+    like the contrastive candidates under ``itc.gather_features`` (which it needs for hard negatives on several
+    processes): image tokens are gathered with gradients flowing back to the rank that owns them, captions (ids,
+    masks, text states) are gathered padded to the longest. The drawn global indices are published as
+    ``negative_image`` / ``negative_text``. The reference draws from the local batch only (method note §8.2.1).
+
     Args:
         weight: weight of this loss in the total.
         negatives: ``hard`` (mined from ITC similarities, needs ``itc``) or ``random`` (uniform over the other
             samples of the batch; what an ablation without ITC uses).
+        global_negatives: draw negatives from all ranks' samples instead of the local batch.
     """
 
     name = "itm"
 
-    def __init__(self, weight: float = 1.0, negatives: Literal["hard", "random"] = "hard") -> None:
+    def __init__(
+        self, weight: float = 1.0, negatives: Literal["hard", "random"] = "hard", global_negatives: bool = False
+    ) -> None:
         super().__init__(weight)
         if negatives not in ("hard", "random"):
             raise ValueError(f"model.itm.negatives must be 'hard' or 'random', got {negatives!r}")
         self.negatives = negatives
+        self.global_negatives = global_negatives
 
     @property
     def requires(self) -> tuple[str, ...]:  # type: ignore[override]
@@ -44,9 +55,12 @@ class ITM(Objective):
 
     def build(self, spec: BuildSpec) -> None:
         self.itm_head = nn.Linear(spec.text_width, 2)
+        self.pad_token_id = spec.vocab.pad_token_id
         super().build(spec)
 
     def forward(self, ctx: StepContext) -> ObjectiveOutput:
+        if self.global_negatives and world_size() > 1:
+            return self._forward_global(ctx)
         if self.negatives == "hard":
             itc = ctx.published["itc"]
             sim_t2i, sim_i2t = itc["sim_t2i"], itc["sim_i2t"]
@@ -67,8 +81,58 @@ class ITM(Objective):
             images,
             text_states=None if ctx.single_stream else ctx.text_states[text_order],
         )
+        return self._loss(fused, batch, {"negative_image": negative_image, "negative_text": negative_text})
+
+    def _forward_global(self, ctx: StepContext) -> ObjectiveOutput:
+        """Negatives drawn from every rank's samples; indices are global (rank-major, as the gathers order them)."""
+        ids, mask = ctx.input_ids, ctx.attention_mask
+        batch, device = ids.shape[0], ids.device
+        total, offset = batch * world_size(), batch * rank()
+        if self.negatives == "hard":
+            itc = ctx.published["itc"]
+            sim_t2i, sim_i2t = itc["sim_t2i_global"], itc["sim_i2t_global"]
+            if sim_t2i.shape[1] != total:
+                raise ValueError("model.itm.global_negatives with hard negatives needs model.itc.gather_features: true")
+        else:
+            sim_t2i = sim_i2t = torch.zeros(batch, total, device=device)
+        rows = torch.arange(batch, device=device)[:, None] + offset
+        exclude = torch.arange(total, device=device)[None, :] == rows  # the positive
+        image_ids = ctx.batch.get("image_ids")
+        if image_ids is not None:  # other samples of the same image are no negatives either, on any rank
+            same = image_ids[:, None] == all_gather_no_grad(image_ids)[None, :]
+            exclude = torch.where(same.all(dim=1, keepdim=True), exclude, exclude | same)
+        negative_image = sample_hard_negatives(sim_t2i, exclude)  # per caption, a global image index
+        negative_text = sample_hard_negatives(sim_i2t, exclude)  # per image, a global caption index
+
+        image_tokens = ctx.image_tokens
+        image_pool = all_gather_with_grad(image_tokens)
+        images = torch.cat([image_tokens, image_pool[negative_image], image_tokens])
+        # Captions are padded per batch, so ranks differ in length: pad to the longest before gathering (the one
+        # host read of this path: the longest length decides a shape).
+        length = int(all_gather_no_grad(torch.tensor([ids.shape[1]], device=device)).max())
+        ids_local, mask_local = _pad(ids, length, self.pad_token_id), _pad(mask, length, 0)
+        ids_pool, mask_pool = all_gather_no_grad(ids_local), all_gather_no_grad(mask_local)
+        text_ids = torch.cat([ids_local, ids_local, ids_pool[negative_text]])
+        text_mask = torch.cat([mask_local, mask_local, mask_pool[negative_text]])
+        text_states = None
+        if not ctx.single_stream:
+            states = _pad(ctx.text_states, length, 0.0)
+            text_states = torch.cat([states, states, all_gather_with_grad(states)[negative_text]])
+        fused = ctx.fuse(text_ids, text_mask, images, text_states=text_states)
+        return self._loss(fused, batch, {"negative_image": negative_image, "negative_text": negative_text})
+
+    def _loss(self, fused, batch: int, publish: dict) -> ObjectiveOutput:
         logits = self.itm_head(fused.last_hidden_state[:, 0]).float()
         labels = torch.cat([torch.ones(batch, device=logits.device), torch.zeros(2 * batch, device=logits.device)])
         loss = F.cross_entropy(logits, labels.long())
         accuracy = (logits.argmax(-1) == labels).float().mean()
-        return ObjectiveOutput(loss=loss, logs={"accuracy": accuracy.detach()})
+        return ObjectiveOutput(loss=loss, logs={"accuracy": accuracy.detach()}, publish=publish)
+
+
+def _pad(x: torch.Tensor, length: int, value: float) -> torch.Tensor:
+    """Pad dim 1 of ``x`` ([B, L] or [B, L, H]) with ``value`` up to ``length``."""
+    missing = length - x.shape[1]
+    if missing == 0:
+        return x
+    pad = (0, 0, 0, missing) if x.dim() == 3 else (0, missing)
+    return F.pad(x, pad, value=value)

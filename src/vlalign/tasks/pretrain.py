@@ -10,11 +10,15 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from vlalign.checkpoints import load_init_weights
+from vlalign.callbacks import RNG_STATE_KEY, NonFiniteGuard, capture_rng_states, restore_rng_states
+from vlalign.checkpoints import allow_config_classes_in_checkpoints, load_init_weights
 from vlalign.distributed import all_gather_variable
 from vlalign.metrics import retrieval_recalls
+from vlalign.models.heads import load_hf_mlm_head
 from vlalign.models.stream import SingleStreamTransformer, StreamConfig, load_hf_bert
 from vlalign.models.vision import VisionConfig, VisionEncoder
 from vlalign.objectives.base import BuildSpec, Objective, ema_update
@@ -27,6 +31,7 @@ from vlalign.tasks.optim import OptimConfig, build_optimizer
 from vlalign.tokenization import VocabInfo
 
 log = logging.getLogger(__name__)
+allow_config_classes_in_checkpoints()
 
 OBJECTIVE_SLOTS = ("itc", "itm", "xmm", "psl")  # execution order: ITC publishes what ITM and PSL read
 
@@ -50,6 +55,10 @@ class PretrainRecipe(L.LightningModule):
         alpha_warmup_steps: ``alpha`` ramps linearly from 0 over this many optimizer steps (reference: one epoch).
         optim: optimiser and learning-rate schedule.
         init_from: a vlalign checkpoint (or converted reference checkpoint) to start from; not a resume.
+        compile_encoders: ``torch.compile`` the forwards of the ViT and the stream (and their momentum twins) in
+            ``configure_model``; parameter names and checkpoints are unchanged.
+        max_consecutive_nonfinite: steps with a NaN / infinite total loss are skipped (no update, counted in
+            ``train/nonfinite_steps``); this many in a row stop the run with ``nonfinite-stop.ckpt``.
     """
 
     def __init__(
@@ -67,6 +76,8 @@ class PretrainRecipe(L.LightningModule):
         alpha_warmup_steps: int = 0,
         optim: OptimConfig = OptimConfig(),
         init_from: str | None = None,
+        compile_encoders: bool = False,
+        max_consecutive_nonfinite: int = 10,
     ) -> None:
         super().__init__()
         if not 0.0 <= momentum < 1.0:
@@ -81,6 +92,7 @@ class PretrainRecipe(L.LightningModule):
         self.alpha = alpha
         self.alpha_warmup_steps = alpha_warmup_steps
         self.optim = optim
+        self.compile_encoders = compile_encoders
 
         self.vision = VisionEncoder(vision)
         self.stream = SingleStreamTransformer(stream)
@@ -107,9 +119,16 @@ class PretrainRecipe(L.LightningModule):
         )
         for objective in self.objectives:
             objective.build(dataclasses.replace(spec, momentum=bool(objective.momentum_encoders())))
+        if text_weights and xmm is not None and xmm.text:
+            log.info("MLM head from %s: %s", text_weights, load_hf_mlm_head(xmm.mlm_head, text_weights))
+            if hasattr(xmm, "mlm_head_m"):
+                xmm.mlm_head_m.load_state_dict(xmm.mlm_head.state_dict())
         if init_from:
             load_init_weights(self, init_from)
         self._skipped: dict[str, int] = defaultdict(int)
+        self._nonfinite = NonFiniteGuard(max_consecutive_nonfinite)
+        self._update_pending = False  # a finite micro-batch since the last optimizer step: EMA / queues follow it
+        self._rng_to_restore: dict[str, Any] | None = None
         self._eval_store: dict[str, list[Tensor]] = defaultdict(list)
 
     # -- structure -------------------------------------------------------------------------------------------------
@@ -140,6 +159,14 @@ class PretrainRecipe(L.LightningModule):
         twin.requires_grad_(False)
         return twin
 
+    def train(self, mode: bool = True) -> PretrainRecipe:
+        """Momentum twins stay in eval mode: the teacher runs without dropout (the reference's does not, §8.2.9)."""
+        super().train(mode)
+        for twin in (self.vision_m, self.stream_m):
+            if twin is not None:
+                twin.eval()
+        return self
+
     def momentum_encoder(self, name: str) -> nn.Module:
         twin = getattr(self, f"{name}_m")
         if twin is None:
@@ -158,12 +185,15 @@ class PretrainRecipe(L.LightningModule):
             return self.alpha
         return self.alpha * min(1.0, self.global_step / self.alpha_warmup_steps)
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
         ctx = StepContext(self, batch, alpha=self.current_alpha())
         total: Tensor | None = None
         batch_size = batch["input_ids"].shape[0]
+        losses: dict[str, Tensor] = {}
+        self._nonfinite.begin_step(self.objectives)
         for objective in self.objectives:
             out = objective(ctx)
+            losses[objective.name] = out.loss
             ctx.published[objective.name] = out.publish
             weighted = objective.weight * out.loss
             total = weighted if total is None else total + weighted
@@ -173,7 +203,31 @@ class PretrainRecipe(L.LightningModule):
         self.log("train/loss", total.detach(), batch_size=batch_size)
         self.log("train/alpha", ctx.alpha, batch_size=batch_size)
         self._count_skipped(batch.get("skipped"))
-        return total
+        finite = self._nonfinite.is_finite(total, self._trainer)
+        if not finite:
+            self._nonfinite.skip(losses, self.objectives)
+        else:
+            self._nonfinite.finite_step()
+            self._update_pending = True
+        self.log("train/nonfinite_steps", float(self._nonfinite.total), batch_size=batch_size)
+        return total if finite else None  # None: Lightning skips backward, the optimizer sees no gradient
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._rng_to_restore is not None:  # here, not at load: nothing between load and step may draw from it
+            restore_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._nonfinite.exceeded:
+            self._nonfinite.stop(self.trainer)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[RNG_STATE_KEY] = capture_rng_states()
+        checkpoint["vlalign_nonfinite_steps"] = self._nonfinite.total
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._rng_to_restore = checkpoint.get(RNG_STATE_KEY)
+        self._nonfinite.total = checkpoint.get("vlalign_nonfinite_steps", 0)
 
     def _count_skipped(self, skipped: dict[str, int] | None) -> None:
         """Bad samples the data workers dropped travel with the batches; log running totals per reason."""
@@ -184,12 +238,41 @@ class PretrainRecipe(L.LightningModule):
         for reason, count in self._skipped.items():
             self.log(f"data/skipped_{reason}", float(count), reduce_fx="sum", batch_size=1)
 
+    def on_train_epoch_end(self) -> None:
+        """One summary line per epoch on rank zero: the bad samples skipped this epoch, by reason, over all ranks."""
+        previous: dict[str, int] = getattr(self, "_skipped_at_epoch_start", {})
+        epoch = {r: n - previous.get(r, 0) for r, n in self._skipped.items() if n > previous.get(r, 0)}
+        self._skipped_at_epoch_start = dict(self._skipped)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list[dict[str, int] | None] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, epoch)
+            epoch = defaultdict(int)
+            for counts in gathered:
+                for reason, count in (counts or {}).items():
+                    epoch[reason] += count
+        if epoch:
+            reasons = ", ".join(f"{reason}={count}" for reason, count in sorted(epoch.items(), key=lambda x: (-x[1], x[0])))
+            rank_zero_info(f"epoch {self.current_epoch}: skipped {sum(epoch.values())} bad samples ({reasons})")
+        else:
+            rank_zero_info(f"epoch {self.current_epoch}: skipped no bad samples")
+
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """EMA and queue updates run only after real optimizer steps (correct under gradient accumulation)."""
         super().optimizer_step(*args, **kwargs)
+        if not self._update_pending:  # every micro-batch of this step had a non-finite loss: nothing changed
+            return
+        self._update_pending = False
         ema_update(self.momentum_pairs(), self.momentum)
         for objective in self.objectives:
             objective.after_optimizer_step()
+
+    def configure_model(self) -> None:
+        """Compile the encoders in place (``nn.Module.compile``) when ``compile_encoders`` is set; idempotent."""
+        if not self.compile_encoders:
+            return
+        for module in (self.vision, self.stream, self.vision_m, self.stream_m):
+            if module is not None and getattr(module, "_compiled_call_impl", None) is None:
+                module.compile()
 
     def configure_optimizers(self) -> dict:
         return build_optimizer(self, self.optim, int(self.trainer.estimated_stepping_batches))
