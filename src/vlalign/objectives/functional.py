@@ -35,7 +35,9 @@ def positive_targets(batch: int, num_candidates: int, device: torch.device, offs
 
 
 @torch.no_grad()
-def sample_hard_negatives(sim: Tensor, exclude: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+def sample_hard_negatives(
+    sim: Tensor, exclude: Tensor | None = None, generator: torch.Generator | None = None
+) -> Tensor:
     """For each row of ``sim`` draw one column with probability ``softmax(sim_row)`` over the allowed columns.
 
     ``exclude`` (bool, same shape) marks columns that are not negatives — at least the positive. Defaults to the
