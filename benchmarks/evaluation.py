@@ -84,7 +84,8 @@ def run_retrieval(
                     recipe.itc.text_features(
                         recipe.stream.encode_text(
                             ids[s : s + encode_batch], mask[s : s + encode_batch]
-                        ).last_hidden_state
+                        ).last_hidden_state,
+                        mask[s : s + encode_batch],
                     )
                     for s in range(0, num_texts, encode_batch)
                 ]

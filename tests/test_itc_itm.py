@@ -64,6 +64,7 @@ def _ctx(batch: int, alpha: float, seed: int = 0) -> SimpleNamespace:
         text_states=torch.randn(batch, 5, WIDTH, generator=g),
         image_tokens_m=torch.randn(batch, 3, WIDTH, generator=g),
         text_states_m=torch.randn(batch, 5, WIDTH, generator=g),
+        attention_mask=torch.ones(batch, 5, dtype=torch.long),
         alpha=alpha,
         published={},
     )
@@ -233,5 +234,21 @@ def _tiny_vision():
 def _tiny_stream():
     from vlalign.models.stream import StreamConfig
 
-    return StreamConfig(vocab_size=50, hidden_size=64, num_layers=2, num_heads=2, intermediate_size=64, encoder_width=64)
+    return StreamConfig(
+        vocab_size=50, hidden_size=64, num_layers=2, num_heads=2, intermediate_size=64, encoder_width=64
+    )
 
+
+def test_itc_mean_pooling_averages_only_real_tokens() -> None:
+    itc = ITC(embed_dim=WIDTH, queue_size=0, distill=False, text_pooling="mean")
+    itc.build(_spec(momentum=False))
+    _identity_projections(itc)
+    states = torch.randn(2, 4, WIDTH)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    feats = itc.text_features(states, mask)
+    expected = [
+        _unit([sum(states[b, t, d].item() for t in range(n)) / n for d in range(WIDTH)]) for b, n in ((0, 2), (1, 4))
+    ]
+    torch.testing.assert_close(feats, torch.tensor(expected), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="itc.text_pooling"):
+        ITC(text_pooling="max")

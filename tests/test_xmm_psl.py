@@ -65,7 +65,9 @@ def test_mask_tokens_respects_protection_and_80_10_10() -> None:
 # -- text side ---------------------------------------------------------------------------------------------------
 def _stream() -> SingleStreamTransformer:
     return SingleStreamTransformer(
-        StreamConfig(vocab_size=30, hidden_size=HIDDEN, num_layers=1, num_heads=2, intermediate_size=16, encoder_width=HIDDEN)
+        StreamConfig(
+            vocab_size=30, hidden_size=HIDDEN, num_layers=1, num_heads=2, intermediate_size=16, encoder_width=HIDDEN
+        )
     )
 
 

@@ -42,7 +42,18 @@ def run_demo(out: Path, max_minutes: float, num_train: int, config: Path) -> dic
         "--trainer.logger.init_args.save_dir", str(out / "runs"),
     ]  # fmt: skip
     hh_mm_ss = time.strftime("%H:%M:%S", time.gmtime(max_minutes * 60))
-    vlalign(["fit", *common, "--trainer.default_root_dir", str(out), "--trainer.max_time", f"00:{hh_mm_ss}"])
+    vlalign(
+        [
+            "fit",
+            *common,
+            "--trainer.default_root_dir",
+            str(out),
+            "--trainer.max_time",
+            f"00:{hh_mm_ss}",
+            "--trainer.max_epochs",
+            "1000",
+        ]
+    )
     checkpoints = sorted((out / "runs").rglob("last.ckpt"), key=lambda p: p.stat().st_mtime)
     checkpoint = checkpoints[-1]
     tested = run_training_cli(["test", *common, "--ckpt_path", str(checkpoint), "--trainer.logger", "false"])
@@ -62,7 +73,7 @@ def run_demo(out: Path, max_minutes: float, num_train: int, config: Path) -> dic
 def cli() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("demo_run"))
-    parser.add_argument("--max-minutes", type=float, default=9.0, help="training time budget")
+    parser.add_argument("--max-minutes", type=float, default=8.0, help="training time budget")
     parser.add_argument("--num-train", type=int, default=2000)
     parser.add_argument("--config", type=Path, default=REPO_CONFIGS / "pretrain" / "tiny.yaml")
     args = parser.parse_args()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +43,9 @@ class ITC(Objective):
         distill: mix the momentum model's similarity distribution into the targets with the recipe's ``alpha``.
         gather_features: include all ranks' current-step features as candidates.
         gather_with_grad: when gathering online features (no momentum model), keep their gradients.
+        text_pooling: ``cls`` (the reference: the [CLS] state) or ``mean`` (masked mean of the token states).
+            A randomly initialised post-LN text stack learns a discriminative [CLS] slowly, so the from-scratch tiny
+            recipes use ``mean``; recipes starting from BERT keep ``cls``.
     """
 
     name = "itc"
@@ -58,6 +61,7 @@ class ITC(Objective):
         distill: bool = True,
         gather_features: bool = False,
         gather_with_grad: bool = False,
+        text_pooling: Literal["cls", "mean"] = "cls",
     ) -> None:
         super().__init__(weight)
         lo, hi = TEMPERATURE_RANGE
@@ -67,6 +71,9 @@ class ITC(Objective):
             raise ValueError(f"itc.embed_dim must be positive, got {embed_dim}")
         if queue_size < 0:
             raise ValueError(f"itc.queue_size must be >= 0, got {queue_size}")
+        if text_pooling not in ("cls", "mean"):
+            raise ValueError(f"itc.text_pooling must be 'cls' or 'mean', got {text_pooling!r}")
+        self.text_pooling = text_pooling
         self.embed_dim = embed_dim
         self.queue_size = queue_size
         self.distill = distill
@@ -96,9 +103,18 @@ class ITC(Objective):
         proj = self.vision_proj_m if momentum else self.vision_proj
         return F.normalize(proj(image_tokens[:, 0]).float(), dim=-1)
 
-    def text_features(self, text_states: Tensor, momentum: bool = False) -> Tensor:
+    def text_features(
+        self, text_states: Tensor, attention_mask: Tensor | None = None, momentum: bool = False
+    ) -> Tensor:
         proj = self.text_proj_m if momentum else self.text_proj
-        return F.normalize(proj(text_states[:, 0]).float(), dim=-1)
+        if self.text_pooling == "cls":
+            pooled = text_states[:, 0]
+        elif attention_mask is None:
+            pooled = text_states.mean(dim=1)
+        else:
+            weights = attention_mask.to(text_states.dtype).unsqueeze(-1)
+            pooled = (text_states * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+        return F.normalize(proj(pooled).float(), dim=-1)
 
     def _gather(self, x: Tensor) -> Tensor:
         if not self.gather_features:
@@ -110,7 +126,7 @@ class ITC(Objective):
         with torch.no_grad():
             self.temp.clamp_(*TEMPERATURE_RANGE)
         image_feat = self.image_features(ctx.image_tokens)
-        text_feat = self.text_features(ctx.text_states)
+        text_feat = self.text_features(ctx.text_states, ctx.attention_mask)
         batch = image_feat.shape[0]
         offset = rank() * batch if self.gather_features else 0
 
@@ -118,7 +134,7 @@ class ITC(Objective):
         if self.uses_momentum:
             with torch.no_grad():
                 image_feat_m = self.image_features(ctx.image_tokens_m, momentum=True)
-                text_feat_m = self.text_features(ctx.text_states_m, momentum=True)
+                text_feat_m = self.text_features(ctx.text_states_m, ctx.attention_mask, momentum=True)
                 image_bank, text_bank = self._gather(image_feat_m), self._gather(text_feat_m)
                 image_cands, text_cands = image_bank, text_bank
                 if self.queue_size > 0:

@@ -78,7 +78,9 @@ class PSL(Objective):
         if not self.owns_projection:
             key = "image_feat_m" if momentum else "image_feat"
             if key not in ctx.published["itc"]:
-                raise ValueError("model.psl.distill reads ITC's momentum image feature: enable model.itc.distill or a queue")
+                raise ValueError(
+                    "model.psl.distill reads ITC's momentum image feature: enable model.itc.distill or a queue"
+                )
             return ctx.published["itc"][key]
         proj = self.image_proj_m if momentum else self.image_proj
         tokens = ctx.image_tokens_m if momentum else ctx.image_tokens

@@ -7,11 +7,14 @@ piecewise constant per epoch with "warm-up epochs" that are really hundreds of i
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 NO_DECAY_NAMES = ("temp", "pos_embed", "cls_token", "mask_token", "position_embeddings")
 
@@ -47,20 +50,38 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:
-    """Multiplier of ``cfg.lr`` at ``step``: linear warm-up from ``warmup_lr``, then cosine down to ``min_lr``."""
+def lr_factor(step: int, cfg: OptimConfig, total_steps: int | None) -> float:
+    """Multiplier of ``cfg.lr`` at ``step``: linear warm-up from ``warmup_lr``, then cosine down to ``min_lr``.
+
+    With an unknown number of steps (``total_steps`` None: streaming data without a length and no
+    ``trainer.max_steps``) the rate stays at ``lr`` after the warm-up.
+    """
     if step < cfg.warmup_steps:
         return (cfg.warmup_lr + (cfg.lr - cfg.warmup_lr) * step / cfg.warmup_steps) / cfg.lr
+    if total_steps is None:
+        return 1.0
     span = max(1, total_steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     return (cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))) / cfg.lr
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, total_steps: int) -> dict:
-    """The ``configure_optimizers`` return value of every vlalign task."""
+def build_optimizer(model: nn.Module, cfg: OptimConfig, total_steps: float) -> dict:
+    """The ``configure_optimizers`` return value of every vlalign task.
+
+    ``total_steps`` is the trainer's estimate; Lightning reports ``-1`` or ``inf`` when it cannot know (an iterable
+    dataset without a length and no ``max_steps``), and the schedule then keeps ``lr`` after the warm-up.
+    """
+    known = total_steps if 0 < total_steps < float("inf") else None
+    if known is None:
+        log.warning(
+            "number of training steps unknown (streaming data without a length and no trainer.max_steps): "
+            "the learning rate stays at optim.lr after the warm-up instead of following the cosine schedule"
+        )
     fused = cfg.fused if cfg.fused is not None else torch.cuda.is_available()
     optimizer = torch.optim.AdamW(
         parameter_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, cfg, int(known) if known is not None else None)
+    )
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -143,7 +143,9 @@ class PretrainRecipe(L.LightningModule):
 
     def _check_requirements(self) -> None:
         if not self.objectives:
-            raise ValueError(f"no objective enabled: set at least one of {', '.join('model.' + s for s in OBJECTIVE_SLOTS)}")
+            raise ValueError(
+                f"no objective enabled: set at least one of {', '.join('model.' + s for s in OBJECTIVE_SLOTS)}"
+            )
         enabled = {o.name for o in self.objectives}
         for objective in self.objectives:
             for required in objective.requires:
@@ -251,7 +253,9 @@ class PretrainRecipe(L.LightningModule):
                 for reason, count in (counts or {}).items():
                     epoch[reason] += count
         if epoch:
-            reasons = ", ".join(f"{reason}={count}" for reason, count in sorted(epoch.items(), key=lambda x: (-x[1], x[0])))
+            reasons = ", ".join(
+                f"{reason}={count}" for reason, count in sorted(epoch.items(), key=lambda x: (-x[1], x[0]))
+            )
             rank_zero_info(f"epoch {self.current_epoch}: skipped {sum(epoch.values())} bad samples ({reasons})")
         else:
             rank_zero_info(f"epoch {self.current_epoch}: skipped no bad samples")
@@ -275,7 +279,7 @@ class PretrainRecipe(L.LightningModule):
                 module.compile()
 
     def configure_optimizers(self) -> dict:
-        return build_optimizer(self, self.optim, int(self.trainer.estimated_stepping_batches))
+        return build_optimizer(self, self.optim, self.trainer.estimated_stepping_batches)
 
     # -- zero-shot retrieval with ITC similarities -----------------------------------------------------------------
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -296,7 +300,7 @@ class PretrainRecipe(L.LightningModule):
         self._eval_store["image_feat"].append(self.itc.image_features(self.vision(batch["image"])))
         self._eval_store["image_index"].append(batch["image_index"])
         text_states = self.stream.encode_text(batch["input_ids"], batch["attention_mask"]).last_hidden_state
-        self._eval_store["text_feat"].append(self.itc.text_features(text_states))
+        self._eval_store["text_feat"].append(self.itc.text_features(text_states, batch["attention_mask"]))
         self._eval_store["text_index"].append(batch["text_index"])
         self._eval_store["text_image_index"].append(batch["text_image_index"])
 
