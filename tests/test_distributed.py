@@ -239,3 +239,22 @@ def test_shards_split_across_ranks_and_workers_read_every_sample_once(tmp_path: 
     for epoch, keys in seen.items():
         assert len(keys) == 80, f"epoch {epoch}: {len(keys)} samples read"
         assert len(set(keys)) == 80, f"epoch {epoch}: duplicates"
+
+
+def test_exact_epoch_with_fewer_shards_than_readers_fails_instead_of_hanging(tmp_path: Path) -> None:
+    from vlalign.data.synth import write_synthetic
+    from vlalign.datamodules.webdataset import ShardDataModule
+
+    summary = write_synthetic(
+        tmp_path, num_train=20, num_val=0, num_test=0, image_size=32, samples_per_shard=10, progress=False
+    )
+    module = ShardDataModule(
+        tokenizer=str(summary.tokenizer_dir),
+        train_shards=summary.shard_urls("train"),
+        image_size=32,
+        batch_size=5,
+        num_workers=2,
+    )
+    module.trainer = SimpleNamespace(global_rank=0, world_size=WORLD, current_epoch=0)
+    with pytest.raises(ValueError, match=r"2 shard\(s\) for 4 readers.*resampled"):
+        module.train_dataloader()

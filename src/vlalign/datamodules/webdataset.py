@@ -422,6 +422,15 @@ class ShardDataModule(PretrainDataModule):
                     f"(batch_size {self.batch_size} x {world_size} processes)"
                 )
         if world_size > 1 and not self.resampled:
+            readers = world_size * max(1, self.num_workers)
+            for source in self.sources:
+                count = len(expand_urls(source.urls))
+                if count < readers:  # a rank without shards would wait forever in the other ranks' collectives
+                    raise ValueError(
+                        f"train_shards {source.urls!r} has {count} shard(s) for {readers} readers "
+                        f"({world_size} processes x {max(1, self.num_workers)} workers) in exact-epoch mode: "
+                        "set data.resampled: true (with samples_per_epoch), or use more shards or fewer workers"
+                    )
             rank_zero_warn("exact-epoch shard reading under DDP can give ranks unequal batch counts; use resampled")
         stream = ShardStream(
             self.sources,
