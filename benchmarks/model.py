@@ -366,7 +366,6 @@ def run_case(
     """Build, warm up and time ``case``; returns a :class:`StepResult` as a dict (picklable across processes)."""
     warnings.filterwarnings("ignore", message=".*self.log.*")
     warnings.filterwarnings("ignore", category=UserWarning, module="lightning.*")
-    from vlalign.objectives.base import ema_update
     from vlalign.tasks.optim import build_optimizer
 
     device = torch.device(device_name)
@@ -394,9 +393,7 @@ def run_case(
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                ema_update(recipe.momentum_pairs(), recipe.momentum)
-                for objective in recipe.objectives:
-                    objective.after_optimizer_step()
+                recipe.after_real_optimizer_step()
                 return loss
 
             with switches(case):

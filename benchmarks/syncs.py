@@ -20,7 +20,6 @@ from benchmarks.model import Case, build_recipe, make_batch
 
 
 def find_syncs(recipe_name: str = "tiny", precision: str = "bf16") -> Counter[str]:
-    from vlalign.objectives.base import ema_update
     from vlalign.tasks.optim import build_optimizer
 
     device = torch.device("cuda")
@@ -38,9 +37,7 @@ def find_syncs(recipe_name: str = "tiny", precision: str = "bf16") -> Counter[st
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        ema_update(recipe.momentum_pairs(), recipe.momentum)
-        for objective in recipe.objectives:
-            objective.after_optimizer_step()
+        recipe.after_real_optimizer_step()
 
     sites: Counter[str] = Counter()
     warnings.filterwarnings("ignore", message=".*self.log.*")

@@ -12,7 +12,6 @@ import torch
 
 from vlalign.models.stream import StreamConfig
 from vlalign.models.vision import VisionConfig
-from vlalign.objectives.base import ema_update
 from vlalign.objectives.image_targets import PixelTargets
 from vlalign.objectives.itc import ITC
 from vlalign.objectives.itm import ITM
@@ -83,9 +82,7 @@ def test_simla_training_step_never_syncs_with_the_host(precision: str) -> None:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        ema_update(recipe.momentum_pairs(), recipe.momentum)
-        for objective in recipe.objectives:
-            objective.after_optimizer_step()
+        recipe.after_real_optimizer_step()
         return loss.detach()
 
     guard = getattr(recipe, "_nonfinite", None)

@@ -7,6 +7,7 @@ the recipe is constructed, so checkpoint keys are stable.
 
 from __future__ import annotations
 
+import abc
 import copy
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -58,7 +59,7 @@ class ObjectiveOutput:
     publish: dict[str, Tensor] = field(default_factory=dict)
 
 
-class Objective(nn.Module):
+class Objective(nn.Module, abc.ABC):
     """Base class of every pretraining objective.
 
     Declarations (class attributes):
@@ -91,8 +92,9 @@ class Objective(nn.Module):
                 twin.requires_grad_(False)
                 setattr(self, f"{head}_m", twin)
 
-    def forward(self, ctx: StepContext) -> ObjectiveOutput:  # pragma: no cover - abstract
-        raise NotImplementedError(f"{type(self).__qualname__} must implement forward(ctx)")
+    @abc.abstractmethod
+    def forward(self, ctx: StepContext) -> ObjectiveOutput:
+        """Unweighted loss, logs and published tensors for this step."""
 
     def momentum_pairs(self) -> Iterator[tuple[nn.Module, nn.Module]]:
         """(online, momentum) module pairs of this objective's heads, for the EMA update."""

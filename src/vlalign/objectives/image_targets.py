@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import abc
 import json
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from torch import Tensor, nn
 LOGIT_LAPLACE_EPS = 0.1  # DALL-E's map_pixels: x -> (1 - 2·eps)·x + eps
 
 
-class ImageTargets(nn.Module):
+class ImageTargets(nn.Module, abc.ABC):
     """Base class. ``num_classes`` > 0: targets are code ids [B, N]; 0: regression targets [B, N, target_dim]."""
 
     num_classes: int = 0
@@ -33,8 +34,9 @@ class ImageTargets(nn.Module):
     def output_dim(self) -> int:
         return self.num_classes or self.target_dim
 
-    def targets(self, batch: dict[str, Any]) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def targets(self, batch: dict[str, Any]) -> Tensor:
+        """Targets for every patch of the batch: code ids [B, N] or regression targets [B, N, D]."""
 
     def loss(
         self, prediction: Tensor, target: Tensor, teacher: Tensor | None, alpha: float, valid: Tensor | None = None

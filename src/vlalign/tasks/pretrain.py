@@ -266,6 +266,10 @@ class PretrainRecipe(L.LightningModule):
         if not self._update_pending:  # every micro-batch of this step had a non-finite loss: nothing changed
             return
         self._update_pending = False
+        self.after_real_optimizer_step()
+
+    def after_real_optimizer_step(self) -> None:
+        """EMA twins and objective hooks (queue writes); also for loops that step the optimizer themselves."""
         ema_update(self.momentum_pairs(), self.momentum)
         for objective in self.objectives:
             objective.after_optimizer_step()
