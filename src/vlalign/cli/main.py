@@ -13,7 +13,6 @@ Training (LightningCLI; `vlalign <command> --help` lists every option):
   fit        pretrain or fine-tune:  vlalign fit --config configs/pretrain/simla.yaml
   validate   zero-shot retrieval on the validation split of a config (with --ckpt_path)
   test       zero-shot retrieval on the test split
-  predict    run a model's predict step
 
 Tools:
   data synth    write synthetic image-caption data (shards, JSON lists, tokenizer)

@@ -1,4 +1,4 @@
-"""The training commands (fit, validate, test, predict): one LightningCLI subclass using public hooks only.
+"""The training commands (fit, validate, test): one LightningCLI subclass using public hooks only.
 
 Configuration mistakes that need both the data and the model settings are caught in
 :meth:`VlalignCLI.before_instantiate_classes`, on the parsed config, before any model or data module is built.
@@ -19,7 +19,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from vlalign.tasks.pretrain import OBJECTIVE_SLOTS, PretrainRecipe
 
-TRAINING_COMMANDS = ("fit", "validate", "test", "predict")
+TRAINING_COMMANDS = ("fit", "validate", "test")
 
 # How to satisfy a requirement other than enabling the required objective, when the requirement depends on settings.
 _REQUIREMENT_HINTS = {("itm", "itc"): "or let model.itm draw random negatives (--model.itm.negatives random)"}
