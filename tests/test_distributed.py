@@ -212,27 +212,32 @@ def test_global_negatives_in_one_process_stay_local() -> None:
     assert torch.isfinite(losses["itm"])
 
 
-def test_shards_split_across_ranks_and_workers_read_every_sample_once(tmp_path: Path) -> None:
+def _shard_module(tmp_path: Path, num_train: int, rank: int):
+    """A 2-worker ShardDataModule over ``num_train`` synthetic samples (10 per shard), as seen by ``rank``."""
     from vlalign.data.synth import write_synthetic
     from vlalign.datamodules.webdataset import ShardDataModule
 
-    summary = write_synthetic(
-        tmp_path, num_train=80, num_val=0, num_test=0, image_size=32, samples_per_shard=10, progress=False
-    )
-    assert len(summary.shards["train"]) == 8  # 2 shards for each of the 2 ranks x 2 workers
-    seen: dict[int, list[str]] = {0: [], 1: []}
-    for rank in range(WORLD):
-        module = ShardDataModule(
-            tokenizer=str(summary.tokenizer_dir),
-            train_shards=summary.shard_urls("train"),
-            image_size=32,
-            batch_size=5,
-            num_workers=2,
-            shuffle_buffer=8,
-            seed=3,
+    if not (tmp_path / "tokenizer").is_dir():
+        write_synthetic(
+            tmp_path, num_train=num_train, num_val=0, num_test=0, image_size=32, samples_per_shard=10, progress=False
         )
-        module.trainer = SimpleNamespace(global_rank=rank, world_size=WORLD, current_epoch=0)
-        loader = module.train_dataloader()
+    module = ShardDataModule(
+        tokenizer=str(tmp_path / "tokenizer"),
+        train_shards=str(tmp_path / "shards" / "train" / f"{{000000..{num_train // 10 - 1:06d}}}.tar"),
+        image_size=32,
+        batch_size=5,
+        num_workers=2,
+        shuffle_buffer=8,
+        seed=3,
+    )
+    module.trainer = SimpleNamespace(global_rank=rank, world_size=WORLD, current_epoch=0)
+    return module
+
+
+def test_shards_split_across_ranks_and_workers_read_every_sample_once(tmp_path: Path) -> None:
+    seen: dict[int, list[str]] = {0: [], 1: []}  # 8 shards: 2 for each of the 2 ranks x 2 workers
+    for rank in range(WORLD):
+        loader = _shard_module(tmp_path, 80, rank).train_dataloader()
         for epoch in range(2):
             for batch in loader:
                 seen[epoch].extend(batch["keys"])
@@ -242,19 +247,6 @@ def test_shards_split_across_ranks_and_workers_read_every_sample_once(tmp_path: 
 
 
 def test_exact_epoch_with_fewer_shards_than_readers_fails_instead_of_hanging(tmp_path: Path) -> None:
-    from vlalign.data.synth import write_synthetic
-    from vlalign.datamodules.webdataset import ShardDataModule
-
-    summary = write_synthetic(
-        tmp_path, num_train=20, num_val=0, num_test=0, image_size=32, samples_per_shard=10, progress=False
-    )
-    module = ShardDataModule(
-        tokenizer=str(summary.tokenizer_dir),
-        train_shards=summary.shard_urls("train"),
-        image_size=32,
-        batch_size=5,
-        num_workers=2,
-    )
-    module.trainer = SimpleNamespace(global_rank=0, world_size=WORLD, current_epoch=0)
+    module = _shard_module(tmp_path, 20, rank=0)
     with pytest.raises(ValueError, match=r"2 shard\(s\) for 4 readers.*resampled"):
         module.train_dataloader()
