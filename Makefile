@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml Makefile
 test: install
 	$(BIN)/python -m pytest -q -m "not gpu" tests
 
+# A fixed number of training steps (load only makes it slower); e.g. make demo DEMO_ARGS="--seed 43"
 demo: install
-	$(BIN)/python -m vlalign.demo --out $(DEMO_DIR)
+	$(BIN)/python -m vlalign.cli.demo --out $(DEMO_DIR) $(DEMO_ARGS)
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks

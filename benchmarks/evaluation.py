@@ -33,8 +33,8 @@ def run_retrieval(
 ) -> dict:
     """Time each phase of a zero-shot retrieval evaluation on random weights and random inputs."""
     warnings.filterwarnings("ignore", category=UserWarning, module="lightning.*")
-    from vlalign.metrics import retrieval_recalls
-    from vlalign.retrieval import rerank_with_itm, reranked_recalls
+    from vlalign.evaluation.metrics import retrieval_recalls
+    from vlalign.evaluation.retrieval import rerank_with_itm, reranked_recalls
 
     device = torch.device(device_name)
     size = RECIPES[recipe_name]
@@ -67,14 +67,14 @@ def run_retrieval(
 
     with autocast:
         # warm-up of every kernel shape on a few samples, outside the timings
-        recipe.vision(torch.randn(2, 3, size.img_size, size.img_size, device=device))
-        recipe.stream.encode_text(ids[:2], mask[:2])
+        recipe.backbone.vision(torch.randn(2, 3, size.img_size, size.img_size, device=device))
+        recipe.backbone.stream.encode_text(ids[:2], mask[:2])
         with timed("encode_images"):
             tokens, image_feat = [], []
             for start in range(0, num_images, encode_batch):
                 count = min(encode_batch, num_images - start)
                 images = torch.randn(count, 3, size.img_size, size.img_size, generator=g).to(device)
-                out = recipe.vision(images)
+                out = recipe.backbone.vision(images)
                 tokens.append(out)
                 image_feat.append(recipe.itc.image_features(out))
             image_tokens, image_feat = torch.cat(tokens), torch.cat(image_feat)
@@ -82,7 +82,7 @@ def run_retrieval(
             text_feat = torch.cat(
                 [
                     recipe.itc.text_features(
-                        recipe.stream.encode_text(
+                        recipe.backbone.stream.encode_text(
                             ids[s : s + encode_batch], mask[s : s + encode_batch]
                         ).last_hidden_state,
                         mask[s : s + encode_batch],

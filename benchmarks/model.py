@@ -157,6 +157,7 @@ def random_dvae_weights(directory: Path) -> Path:
 
 def build_recipe(case: Case, workdir: Path) -> tuple[Any, str]:
     """The PretrainRecipe of ``case`` with random weights, and the name of its image-target kind."""
+    from vlalign.data.tokenization import VocabInfo
     from vlalign.models.stream import StreamConfig
     from vlalign.models.vision import VisionConfig
     from vlalign.objectives.image_targets import DVAETargets, PixelTargets
@@ -166,7 +167,6 @@ def build_recipe(case: Case, workdir: Path) -> tuple[Any, str]:
     from vlalign.objectives.xmm import XMM
     from vlalign.tasks.optim import OptimConfig
     from vlalign.tasks.pretrain import PretrainRecipe
-    from vlalign.tokenization import VocabInfo
 
     size = RECIPES[case.recipe]
     enabled = OBJECTIVE_SETS[case.objectives]
@@ -236,12 +236,13 @@ def make_batch(case: Case, device: torch.device, seed: int = 0) -> dict[str, Any
 def _unbatched_context_class():
     """StepContext running clean and masked images as two ViT passes and ITM's 3B fusion as three B passes."""
     from vlalign.models.stream import StreamOutput
-    from vlalign.tasks.context import StepContext
+    from vlalign.objectives.context import StepContext
 
     class UnbatchedContext(StepContext):
-        def _vision_pass(self, encoder):
+        def _images(self, momentum):
+            encoder = self.backbone.encoder("vision", momentum)
             images = self.batch["image"]
-            if not self.recipe.needs_masked_images:
+            if not self.masked_images:
                 return encoder(images), None
             return encoder(images), encoder(images, self.patch_mask)
 
@@ -340,9 +341,9 @@ def count_step_flops(recipe, batch: dict, case: Case, device: torch.device) -> f
     """FLOPs of one forward + backward (FlopCounterMode: matmuls, convolutions, attention), without recompute."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    vit = recipe.vision.vit
-    saved = vit.grad_checkpointing, recipe.stream.config.gradient_checkpointing
-    vit.grad_checkpointing, recipe.stream.config.gradient_checkpointing = False, False
+    vit = recipe.backbone.vision.vit
+    saved = vit.grad_checkpointing, recipe.backbone.stream.config.gradient_checkpointing
+    vit.grad_checkpointing, recipe.backbone.stream.config.gradient_checkpointing = False, False
     try:
         counter = FlopCounterMode(display=False)
         with counter:  # one block: entering the counter again would reset its counts
@@ -351,7 +352,7 @@ def count_step_flops(recipe, batch: dict, case: Case, device: torch.device) -> f
             loss.backward()
         recipe.zero_grad(set_to_none=True)
     finally:
-        vit.grad_checkpointing, recipe.stream.config.gradient_checkpointing = saved
+        vit.grad_checkpointing, recipe.backbone.stream.config.gradient_checkpointing = saved
     return float(counter.get_total_flops())
 
 
@@ -367,6 +368,7 @@ def run_case(
     warnings.filterwarnings("ignore", message=".*self.log.*")
     warnings.filterwarnings("ignore", category=UserWarning, module="lightning.*")
     from vlalign.tasks.optim import build_optimizer
+    from vlalign.testing import train_step
 
     device = torch.device(device_name)
     result = StepResult(case=dataclasses.asdict(case))
@@ -388,13 +390,7 @@ def run_case(
 
             def step() -> torch.Tensor:
                 with _autocast(case, device):
-                    loss = recipe.training_step(batch, 0)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                recipe.after_real_optimizer_step()
-                return loss
+                    return train_step(recipe, batch, optimizer, scheduler)
 
             with switches(case):
                 flops = known_flops if known_flops is not None else count_step_flops(recipe, batch, case, device)

@@ -73,3 +73,21 @@ def test_validate_reports_recall_with_chance_level_bounds(cli_data_args: list[st
     recalls = cli.model.last_retrieval["val"]
     assert set(recalls) >= {"txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean"}
     assert all(0.0 <= v <= 100.0 for v in recalls.values())
+
+
+@pytest.mark.parametrize("command", ["validate", "test"])
+def test_validate_and_test_write_nothing_into_the_current_directory(
+    command: str, cli_data_args: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Evaluation writes no config.yaml anywhere, and nothing at all into the working directory (here without a
+    logger and without default_root_dir, where Lightning's log folder is the working directory)."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    root = cli_data_args.index("--trainer.default_root_dir")
+    data_args = cli_data_args[:root] + cli_data_args[root + 2 :]
+    args = [command, "--config", str(CONFIGS / "pretrain" / "tiny.yaml"), *data_args, "--model.stream.num_layers", "1"]
+    run_training_cli([*args, "--trainer.logger", "false"])
+    run_training_cli(args)  # with the config's TensorBoard logger (its save_dir is under tmp_path/runs)
+    assert sorted(p.name for p in cwd.iterdir()) == []
+    assert not list(tmp_path.rglob("config.yaml"))

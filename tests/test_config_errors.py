@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 from vlalign.cli.train import ConfigError, VlalignCLI, run_training_cli
+from vlalign.data.tokenization import VocabInfo, load_tokenizer
 from vlalign.tasks.pretrain import PretrainRecipe
-from vlalign.tokenization import VocabInfo, load_tokenizer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "pretrain"
 TINY = str(CONFIGS / "tiny.yaml")
@@ -141,6 +141,17 @@ def test_image_size_not_divisible_by_the_patch_size(cli_data_args: list[str]) ->
 
 
 @pytest.mark.usefixtures("nothing_is_built")
+def test_stream_encoder_width_must_equal_the_vit_width(cli_data_args: list[str]) -> None:
+    # The tiny ViT is 128 wide; the stream's default encoder_width (768) fits only ViT-B and crashed at step 0.
+    message = config_error(fit_args(cli_data_args, "--model.stream.encoder_width", "768"))
+    assert (
+        "model.stream.encoder_width (768)" in message
+        and "model.vision.name 'vit_vlalign_small_patch8' (128)" in message
+    )
+    assert "--model.stream.encoder_width 128" in message
+
+
+@pytest.mark.usefixtures("nothing_is_built")
 def test_unknown_vision_model_suggests_close_names(cli_data_args: list[str]) -> None:
     message = config_error(fit_args(cli_data_args, "--model.vision.name", "vit_vlalign_small_patch_8"))
     assert "model.vision.name" in message and "vit_vlalign_small_patch8" in message
@@ -219,4 +230,4 @@ def test_cli_links_the_tokenizer_vocabulary_over_a_configured_size(cli_data_args
         run=False,
         auto_configure_optimizers=False,
     )
-    assert cli.model.stream.embeddings.word_embeddings.num_embeddings == vocab_size
+    assert cli.model.backbone.stream.embeddings.word_embeddings.num_embeddings == vocab_size

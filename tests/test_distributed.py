@@ -15,13 +15,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from vlalign.models.stream import StreamConfig
-from vlalign.models.vision import VisionConfig
+from vlalign.data.tokenization import VocabInfo
+from vlalign.objectives.context import StepContext
 from vlalign.objectives.itc import ITC
 from vlalign.objectives.itm import ITM
-from vlalign.tasks.context import StepContext
 from vlalign.tasks.pretrain import PretrainRecipe
-from vlalign.tokenization import VocabInfo
+from vlalign.testing import tiny_recipe
 
 WORLD = 2
 LOCAL = 4  # samples per rank
@@ -30,21 +29,19 @@ ALPHA = 0.4
 SIMLA_ITC = {"queue_size": 32, "distill": True, "gather_features": True}
 LOCAL_ITC = {"queue_size": 32, "distill": True, "gather_features": False}
 CLIP_ITC = {"queue_size": 0, "distill": False, "gather_features": True, "gather_with_grad": True}
-GRAD_PARAMS = ("itc.vision_proj.weight", "itc.text_proj.weight", "vision.vit.patch_embed.proj.weight")
+GRAD_PARAMS = ("itc.vision_proj.weight", "itc.text_proj.weight", "backbone.vision.vit.patch_embed.proj.weight")
 ITM_REPEATS = 6
 
 
 def make_recipe(itc: dict, itm: dict | None = None, fusion_layer: int | None = None) -> PretrainRecipe:
-    torch.manual_seed(0)  # identical weights and initial queues in every process
-    return PretrainRecipe(
-        vision=VisionConfig(name="vit_vlalign_tiny_patch8", img_size=16),
-        stream=StreamConfig(
-            hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, encoder_width=64,
-            max_position_embeddings=16, hidden_dropout=0.0, attention_dropout=0.0, fusion_layer=fusion_layer,
-        ),
-        vocab=VOCAB,
-        itc=ITC(embed_dim=8, **itc),
-        itm=ITM(**itm) if itm is not None else None,
+    """Identical weights and initial queues in every process (``tiny_recipe`` seeds before building)."""
+    stream = {
+        "hidden_size": 32, "intermediate_size": 64, "max_position_embeddings": 16, "hidden_dropout": 0.0,
+        "attention_dropout": 0.0, "fusion_layer": fusion_layer,
+    }  # fmt: skip
+    return tiny_recipe(
+        "itc_itm", stream=stream, vision={"img_size": 16}, vocab=VOCAB,
+        itc=ITC(embed_dim=8, **itc), itm=ITM(**itm) if itm is not None else None,
     )  # fmt: skip
 
 
@@ -73,7 +70,7 @@ def shard(batch: dict[str, torch.Tensor], rank: int, length: int | None = None) 
 
 def run_objectives(recipe: PretrainRecipe, batch: dict) -> tuple[dict, dict]:
     """What training_step does, keeping what the objectives published."""
-    ctx = StepContext(recipe, batch, alpha=ALPHA)
+    ctx = StepContext(recipe.backbone, batch, alpha=ALPHA, masked_images=recipe.needs_masked_images)
     losses = {}
     for objective in recipe.objectives:
         out = objective(ctx)

@@ -8,11 +8,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from vlalign.data.tokenization import VocabInfo
 from vlalign.objectives.base import BuildSpec
 from vlalign.objectives.functional import sample_hard_negatives
 from vlalign.objectives.itc import ITC
 from vlalign.objectives.itm import ITM
-from vlalign.tokenization import VocabInfo
 
 WIDTH = 4
 

@@ -11,15 +11,17 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
-from torch import nn
 
-from vlalign.callbacks import NONFINITE_CHECKPOINT, NonFiniteGuard, NonFiniteLossError
 from vlalign.cli.train import run_training_cli
 from vlalign.objectives.itc import ITC
+from vlalign.training.fault_tolerance import NONFINITE_CHECKPOINT, NonFiniteGuard, NonFiniteLossError
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "tiny.yaml"
 NAN_STEPS = {2, 4, 5, 6}  # global steps whose ITC loss is made NaN; 4, 5, 6 hit the limit of 3 in a row
 SNAPSHOTS: list[Snapshot] = []
+
+
+CURRENT_STEP = [0]  # the global step of the batch in progress, set by Snapshot
 
 
 class Snapshot(Callback):
@@ -34,10 +36,10 @@ class Snapshot(Callback):
     @staticmethod
     def state(module: Any) -> dict[str, Any]:
         return {
-            "vision": module.vision.vit.blocks[0].attn.qkv.weight.detach().clone(),
-            "stream": next(module.stream.parameters()).detach().clone(),
-            "vision_m": module.vision_m.vit.blocks[0].attn.qkv.weight.detach().clone(),
-            "stream_m": next(module.stream_m.parameters()).detach().clone(),
+            "vision": module.backbone.vision.vit.blocks[0].attn.qkv.weight.detach().clone(),
+            "stream": next(module.backbone.stream.parameters()).detach().clone(),
+            "vision_m": module.backbone.vision_m.vit.blocks[0].attn.qkv.weight.detach().clone(),
+            "stream_m": next(module.backbone.stream_m.parameters()).detach().clone(),
             "proj_m": module.itc.vision_proj_m.weight.detach().clone(),
             "image_queue": module.itc.image_queue.clone(),
             "queue_ptr": int(module.itc.queue_ptr),
@@ -45,6 +47,7 @@ class Snapshot(Callback):
         }
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        CURRENT_STEP[0] = trainer.global_step
         self.before[trainer.global_step] = self.state(pl_module)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -60,7 +63,7 @@ def test_nonfinite_steps_are_skipped_counted_and_a_run_of_them_stops_training(
 
     def nan_on_chosen_steps(self: ITC, ctx: Any) -> Any:
         out = forward(self, ctx)
-        if ctx.recipe.global_step in NAN_STEPS:
+        if CURRENT_STEP[0] in NAN_STEPS:
             out = dataclasses.replace(out, loss=out.loss * float("nan"))
         return out
 
@@ -101,29 +104,103 @@ def test_nonfinite_steps_are_skipped_counted_and_a_run_of_them_stops_training(
     assert torch.equal(saved["state_dict"]["itc.queue_ptr"], torch.tensor([3 * 8]))
 
 
-class _Queued(nn.Module):
-    """Stand-in objective with ITC's pending-feature list."""
+BLOW_UP_STEP = 4  # the ITM head's gradient is made infinite before this step's optimizer update
+BLOW_UPS: list[BlowUp] = []
 
-    name = "itc"
+
+class BlowUp(Callback):
+    """Makes one optimizer update explode, as a too-high learning rate does: the loss of step ``BLOW_UP_STEP`` is
+    finite, but its update writes NaN into the ITM head (AdamW of an infinite gradient), so later losses are NaN.
+    Keeps the full model state from before that update."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self._pending: list[int] = []
+        self.before: dict[str, torch.Tensor] = {}
+        BLOW_UPS.append(self)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == BLOW_UP_STEP:
+            self.before = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: Any, optimizer: Any) -> None:
+        if trainer.global_step == BLOW_UP_STEP:
+            pl_module.itm.itm_head.weight.grad.fill_(float("inf"))
 
 
-def test_skip_drops_only_the_skipped_micro_batch_features() -> None:
+def _all_finite(checkpoint: dict[str, Any]) -> bool:
+    tensors = [v for v in checkpoint["state_dict"].values() if v.is_floating_point()]
+    for optimizer in checkpoint["optimizer_states"]:
+        tensors += [v for state in optimizer["state"].values() for v in state.values() if v.is_floating_point()]
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def test_the_nonfinite_stop_keeps_the_last_good_checkpoint_and_names_it(
+    cli_data_args: list[str], tmp_path: Path
+) -> None:
+    """Checkpoints every step; the weights blow up at step 4 and losses are NaN from step 5, so the run stops after
+    step 7. ``last.ckpt`` (and every other file but the forensic one) must hold the state before the blow-up."""
+    from vlalign.training.fault_tolerance import _host_tag
+    from vlalign.weights.safe_loading import check_resume_checkpoint
+
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    stale = checkpoints / f".last.ckpt.atomic-{_host_tag()}-999999999-deadbeef.tmp"  # a killed save's leftover
+    stale.write_bytes(b"PK\x03\x04 half a checkpoint")
+    every_step = {"dirpath": str(checkpoints), "every_n_train_steps": 1, "save_last": True, "save_top_k": 1,
+                  "monitor": None, "filename": None}  # fmt: skip
+    callbacks = [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": every_step},
+        {"class_path": "test_nonfinite.BlowUp"},
+    ]
+    BLOW_UPS.clear()
+    with pytest.raises(NonFiniteLossError) as stopped:
+        run_training_cli(
+            ["fit", "--config", str(TINY), *cli_data_args, "--trainer.callbacks", json.dumps(callbacks),
+             "--model.max_consecutive_nonfinite", "3", "--model.stream.num_layers", "2",
+             "--trainer.max_steps", "20", "--trainer.limit_val_batches", "0"]
+        )  # fmt: skip
+    message = str(stopped.value)
+    last = checkpoints / "last.ckpt"
+    assert "itm (3 steps)" in message and "Stopped at global step 8" in message
+    assert (
+        f"The last good checkpoint (finite loss, finite weights and optimizer state, outside a non-finite streak) "
+        f"is {last} (global step {BLOW_UP_STEP}): resume from it with --ckpt_path {last}" in message
+    )
+    assert f"{checkpoints / NONFINITE_CHECKPOINT}" in message
+
+    [blow_up] = BLOW_UPS
+    saved = torch.load(last, map_location="cpu", weights_only=True)
+    assert saved["global_step"] == BLOW_UP_STEP and _all_finite(saved)
+    assert saved["state_dict"].keys() == blow_up.before.keys()
+    for key, value in blow_up.before.items():  # exactly the state before the exploding update
+        assert torch.equal(saved["state_dict"][key], value), key
+    check_resume_checkpoint(last)
+
+    files = {p.name for p in checkpoints.iterdir()}
+    assert files == {"last.ckpt", f"epoch=0-step={BLOW_UP_STEP}.ckpt", NONFINITE_CHECKPOINT}, files
+    for name in files - {NONFINITE_CHECKPOINT}:
+        kept = torch.load(checkpoints / name, map_location="cpu", weights_only=True)
+        assert kept["global_step"] == BLOW_UP_STEP and _all_finite(kept), name
+    forensic = torch.load(checkpoints / NONFINITE_CHECKPOINT, map_location="cpu", weights_only=True)
+    assert forensic["global_step"] == 8 and torch.isnan(forensic["state_dict"]["itm.itm_head.weight"]).all()
+
+
+def test_rollback_drops_only_the_skipped_micro_batch_features() -> None:
     """Under gradient accumulation the finite micro-batches' features stay queued for the optimizer step."""
+    itc = ITC(queue_size=8)
+    itc.begin_step()
+    itc._pending.append((torch.zeros(1), torch.zeros(1)))
+    itc.begin_step()
+    itc._pending.append((torch.ones(1), torch.ones(1)))
+    itc.rollback_step()
+    assert len(itc._pending) == 1 and torch.equal(itc._pending[0][0], torch.zeros(1))
+
+
+def test_the_guard_counts_skips_and_names_the_non_finite_objectives() -> None:
     guard = NonFiniteGuard(max_consecutive=2)
-    objective = _Queued()
-    guard.begin_step([objective])
-    objective._pending.append(1)
     guard.finite_step()
-    guard.begin_step([objective])
-    objective._pending.append(2)
-    guard.skip({"itc": torch.tensor(float("inf"))}, [objective])
-    assert objective._pending == [1] and guard.total == 1 and not guard.exceeded
-    guard.begin_step([objective])
-    guard.skip({"itc": torch.tensor(1.0)}, [objective])  # finite parts, non-finite sum (or another rank's NaN)
+    guard.skip({"itc": torch.tensor(float("inf"))})
+    assert guard.total == 1 and not guard.exceeded
+    guard.skip({"itc": torch.tensor(1.0)})  # finite parts, non-finite sum (or another rank's NaN)
     assert guard.exceeded and guard.objectives == {"itc": 1, "the weighted sum": 1}
     with pytest.raises(ValueError, match="max_consecutive_nonfinite"):
         NonFiniteGuard(0)

@@ -45,3 +45,23 @@ def test_no_weight_decay_on_biases_norms_and_tokens() -> None:
     decay, no_decay = parameter_groups(model, 0.02)
     assert [p.shape for p in decay["params"]] == [torch.Size([3, 3])]
     assert len(no_decay["params"]) == 5 and no_decay["weight_decay"] == 0.0
+
+
+def test_a_model_s_declared_exemptions_are_not_decayed() -> None:
+    """``no_weight_decay()`` (the recipe gathers its objectives' declarations) exempts matrices too."""
+    model = nn.Module()
+    model.keep = nn.Linear(3, 3, bias=False)
+    model.exempt = nn.Linear(3, 3, bias=False)
+    model.no_weight_decay = lambda: {"exempt.weight"}
+    decay, no_decay = parameter_groups(model, 0.02)
+    assert decay["params"] == [model.keep.weight] and no_decay["params"] == [model.exempt.weight]
+
+
+def test_the_recipe_exempts_what_its_objectives_declare() -> None:
+    from vlalign.testing import tiny_recipe
+
+    recipe = tiny_recipe("itc_itm")
+    assert "itc.temp" in recipe.no_weight_decay()
+    decay, no_decay = parameter_groups(recipe, 0.02)
+    assert any(p is recipe.itc.temp for p in no_decay["params"])
+    assert not any(p is recipe.itc.temp for p in decay["params"])

@@ -2,7 +2,9 @@
 
 The runs are real ``vlalign fit`` processes on the tiny config and the session's synthetic shards (80 training
 samples in 2 shards, batch 8: 10 batches per epoch). :class:`StepRecorder` (imported by the child processes from
-this file) writes every training step's sample keys to a JSON-lines file and can kill its own process.
+this file) writes every training step's sample keys (and losses) to JSON-lines files and can kill its own process,
+at a step given in its settings or in the environment (:data:`KILL_AT_STEP_ENV`, so that the command line of a
+killed run and of its resumes is the same).
 """
 
 from __future__ import annotations
@@ -21,21 +23,24 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from vlalign.callbacks import RNG_STATE_KEY, AtomicCheckpointIO
 from vlalign.cli.train import run_training_cli
+from vlalign.training.fault_tolerance import RNG_STATE_KEY, AtomicCheckpointIO
 
 TESTS = Path(__file__).resolve().parent
 TINY = TESTS.parent / "configs" / "pretrain" / "tiny.yaml"
 STEPS_PER_EPOCH = 10
+KILL_AT_STEP_ENV = "VLALIGN_TEST_KILL_AT_STEP"
 
 
 class StepRecorder(Callback):
-    """Appends ``{"epoch", "step", "batch_idx", "keys"}`` per training step to ``path``; optionally SIGKILLs its own
-    process once ``kill_at_step`` optimizer steps are done, before any checkpoint callback saves that step."""
+    """Appends ``{"epoch", "step", "batch_idx", "keys"}`` per training step to ``path`` (and ``{"step", "loss"}``,
+    the step count after it, to ``losses`` if given); optionally SIGKILLs its own process once ``kill_at_step`` (or
+    else ``$VLALIGN_TEST_KILL_AT_STEP``) optimizer steps are done, before any checkpoint callback saves that step."""
 
-    def __init__(self, path: str, kill_at_step: int = -1) -> None:
+    def __init__(self, path: str, kill_at_step: int = -1, losses: str | None = None) -> None:
         self.path = path
         self.kill_at_step = kill_at_step
+        self.losses = losses
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
         record = {"epoch": trainer.current_epoch, "step": trainer.global_step, "batch_idx": batch_idx}
@@ -43,7 +48,11 @@ class StepRecorder(Callback):
             handle.write(json.dumps({**record, "keys": list(batch["keys"])}) + "\n")
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if trainer.global_step == self.kill_at_step:
+        if self.losses is not None:
+            with open(self.losses, "a") as handle:
+                handle.write(json.dumps({"step": trainer.global_step, "loss": float(outputs["loss"])}) + "\n")
+        kill_at_step = self.kill_at_step if self.kill_at_step >= 0 else int(os.environ.get(KILL_AT_STEP_ENV, "-1"))
+        if trainer.global_step == kill_at_step:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -70,8 +79,9 @@ def every_step_checkpoint(dirpath: Path) -> dict[str, Any]:
     }
 
 
-def recorder(path: Path, kill_at_step: int = -1) -> dict[str, Any]:
-    return {"class_path": "test_resume.StepRecorder", "init_args": {"path": str(path), "kill_at_step": kill_at_step}}
+def recorder(path: Path, kill_at_step: int = -1, losses: Path | None = None) -> dict[str, Any]:
+    init_args = {"path": str(path), "kill_at_step": kill_at_step, "losses": str(losses) if losses else None}
+    return {"class_path": "test_resume.StepRecorder", "init_args": init_args}
 
 
 def child_env() -> dict[str, str]:
@@ -82,9 +92,10 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def start(args: list[str]) -> subprocess.Popen[str]:
+def start(args: list[str], **env: str) -> subprocess.Popen[str]:
     command = [sys.executable, "-m", "vlalign", *args]
-    return subprocess.Popen(command, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    environment = {**child_env(), **env}
+    return subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 def finish(*children: subprocess.Popen[str]) -> list[tuple[int, str]]:
@@ -171,7 +182,7 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(cli_data_arg
         expected, actual = load(dirs[w] / "reference_ckpt" / "last.ckpt"), load(dirs[w] / "run_ckpt" / "last.ckpt")
         assert actual["global_step"] == expected["global_step"] == STEPS_PER_EPOCH
         state = expected["state_dict"]
-        assert any(k.startswith("vision_m.") for k in state) and any(k.startswith("stream_m.") for k in state)
+        assert any("vision_m." in k for k in state) and any("stream_m." in k for k in state)  # the momentum twins
         assert {"itc.image_queue", "itc.text_queue", "itc.queue_ptr"} <= set(state)
         assert int(state["itc.queue_ptr"]) == STEPS_PER_EPOCH * 8
         assert_same_tensors(actual["state_dict"], state, f"workers={w} state_dict")
@@ -186,7 +197,7 @@ def test_sigterm_saves_last_checkpoint_and_resumes_at_that_step(cli_data_args: l
     run_log = tmp_path / "run.jsonl"
     callbacks = [
         {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": True}},
-        {"class_path": "vlalign.callbacks.PreemptionCheckpoint"},
+        {"class_path": "vlalign.training.fault_tolerance.PreemptionCheckpoint"},
         recorder(run_log),
     ]
     version = ["--trainer.logger.init_args.version", "v"]
@@ -235,14 +246,118 @@ def test_atomic_checkpoint_io_keeps_the_previous_file_when_a_save_dies(
     assert io.load_checkpoint(path)["step"] == 3 and oct(path.stat().st_mode & 0o777) != oct(0o600)
 
 
-def test_tiny_and_full_configs_use_the_fault_tolerance_plugins(capsys: pytest.CaptureFixture[str]) -> None:
-    import yaml
+def losses_by_step(path: Path) -> dict[int, float]:
+    """The loss of each step; a step run again after a resume counts with its last value."""
+    return {record["step"]: record["loss"] for record in read_records(path)}
 
+
+def test_documented_resume_after_two_sigkills_continues_the_run_in_its_folder(
+    cli_data_args: list[str], tmp_path: Path
+) -> None:
+    """The shipped tiny config (logger without a version, ModelCheckpoint without dirpath, validation each epoch),
+    killed with SIGKILL at steps 13 and 25 and resumed twice with the README's command (the same command plus
+    ``--ckpt_path last``): every step's loss and the final training state equal an uninterrupted run's, and all
+    logs and checkpoints are in one version folder."""
+    steps = 3 * STEPS_PER_EPOCH
+
+    def command(name: str) -> list[str]:
+        extra = [recorder(tmp_path / f"{name}.jsonl", losses=tmp_path / f"{name}-losses.jsonl")]
+        return [
+            "fit", "--config", str(TINY), *cli_data_args,
+            "--trainer.logger.init_args.name", name,
+            "--trainer.max_epochs", "3",
+            "--trainer.enable_model_summary", "false",
+            "--model.stream.num_layers", "1",
+            "--trainer.callbacks+", json.dumps(extra[0]),
+        ]  # fmt: skip
+
+    resume = [*command("run"), "--ckpt_path", "last"]
+    outcomes = finish(start(command("reference")), start(command("run"), **{KILL_AT_STEP_ENV: "13"}))
+    outcomes += finish(start(resume, **{KILL_AT_STEP_ENV: "25"}))
+    outcomes += finish(start(resume))
+    for (status, stderr), expected in zip(outcomes, [0, -signal.SIGKILL, -signal.SIGKILL, 0], strict=True):
+        assert status == expected, stderr
+
+    # Each resume started from the last.ckpt of the epoch end before its kill (steps 10 and 20), not from scratch.
+    ran = [r["step"] for r in read_records(tmp_path / "run.jsonl")]
+    assert ran == [*range(13), *range(10, 25), *range(20, steps)], ran
+    run_folders = sorted(p.name for p in (tmp_path / "runs" / "run").iterdir())
+    assert run_folders == ["version_0"], run_folders
+    folder = tmp_path / "runs" / "run" / "version_0"
+    assert len(list(folder.glob("events.out.tfevents.*"))) == 3  # one log file per process, all in this folder
+    assert (folder / "config.yaml").is_file()
+    checkpoints = sorted(p.name for p in (folder / "checkpoints").iterdir())
+    assert "last.ckpt" in checkpoints and all(n == "last.ckpt" or n.startswith("best-") for n in checkpoints)
+
+    reference_losses = losses_by_step(tmp_path / "reference-losses.jsonl")
+    run_losses = losses_by_step(tmp_path / "run-losses.jsonl")
+    assert sorted(run_losses) == sorted(reference_losses) == list(range(1, steps + 1))
+    for step, loss in reference_losses.items():
+        assert run_losses[step] == pytest.approx(loss, abs=1e-6), f"step {step}"
+    expected = load(tmp_path / "runs" / "reference" / "version_0" / "checkpoints" / "last.ckpt")
+    actual = load(folder / "checkpoints" / "last.ckpt")
+    assert actual["global_step"] == expected["global_step"] == steps
+    assert_same_tensors(actual["state_dict"], expected["state_dict"], "state_dict")
+    assert_same_tensors(actual["optimizer_states"], expected["optimizer_states"], "optimizer")
+
+
+def test_resume_last_with_nothing_to_resume_is_an_error(
+    cli_data_args: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--ckpt_path last`` in a run folder without checkpoints: exit status 2 and where it looked, no fresh start."""
     from vlalign.cli.main import main
 
-    for name in ("tiny", "simla_tiny", "simla", "albef", "clip", "itc_itm"):
-        with pytest.raises(SystemExit):
-            main(["fit", "--config", str(TINY.parent / f"{name}.yaml"), "--print_config"])
-        trainer = yaml.safe_load(capsys.readouterr().out)["trainer"]
-        assert "vlalign.callbacks.PreemptionCheckpoint" in [c["class_path"] for c in trainer["callbacks"]], name
-        assert [p["class_path"] for p in trainer["plugins"]] == ["vlalign.callbacks.AtomicCheckpointIO"], name
+    args = ["fit", "--config", str(TINY), *cli_data_args, "--trainer.max_steps", "1", "--ckpt_path", "last"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --ckpt_path last: nothing to resume")
+    assert str(tmp_path / "runs" / "tiny" / "*" / "checkpoints" / "last.ckpt") in err
+    assert "leave out --ckpt_path" in err
+    assert not (tmp_path / "runs").exists()  # nothing trained, nothing written
+
+
+class Built(Exception):
+    """Raised once the trainer is built: the test needs the trainer only."""
+
+
+@pytest.mark.parametrize("config", sorted(TINY.parent.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_pretrain_config_gets_the_preemption_last_and_atomic_checkpoint_machinery(
+    config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No config lists the machinery; the trainer the CLI builds from each has PreemptionCheckpoint (saving
+    last.ckpt), LastCheckpoint and AtomicCheckpointIO, once each."""
+    import yaml
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.cli import LightningArgumentParser
+
+    import vlalign.cli.train as train
+    from vlalign.training.fault_tolerance import PreemptionCheckpoint
+    from vlalign.training.run_folder import LastCheckpoint
+
+    assert "fault_tolerance" not in config.read_text() and "LastCheckpoint" not in config.read_text()
+    built: dict[str, Trainer] = {}
+
+    def build_only_the_trainer(self: train.VlalignCLI) -> None:
+        settings = self.config.fit.trainer.as_dict()  # full recipes ask for GPUs and DDP: build it for one CPU
+        settings.update(accelerator="cpu", devices=1, strategy="auto", precision="32-true")
+        parser = LightningArgumentParser()
+        parser.add_lightning_class_args(Trainer, "trainer")
+        arguments = parser.instantiate_classes(parser.parse_object({"trainer": settings})).trainer
+        built["trainer"] = Trainer(**vars(arguments))
+        raise Built
+
+    monkeypatch.chdir(tmp_path)  # the configs' relative log folders
+    monkeypatch.setattr(train, "check_config", lambda *args, **kwargs: None)  # full recipes name absent weights
+    monkeypatch.setattr(train.VlalignCLI, "instantiate_classes", build_only_the_trainer)
+    with pytest.raises(Built):
+        run_training_cli(["fit", "--config", str(config)])
+    trainer = built["trainer"]
+    preemption = [c for c in trainer.callbacks if isinstance(c, PreemptionCheckpoint)]
+    assert len(preemption) == 1 and preemption[0].filename == "last"
+    [last] = [c for c in trainer.callbacks if isinstance(c, LastCheckpoint)]
+    assert not [c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.save_last]  # one last.ckpt writer
+    configured = yaml.safe_load(config.read_text())["trainer"].get("callbacks") or []
+    every = [c["init_args"].get("every_n_train_steps") for c in configured if c["init_args"].get("save_last")]
+    assert last.every_n_train_steps == ((every[0] or 0) if every else 0)  # taken over from save_last
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)

@@ -5,29 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlalign.models.stream import StreamConfig
-from vlalign.models.vision import VisionConfig
+from vlalign.evaluation.retrieval import rerank_with_itm, reranked_recalls
 from vlalign.objectives.itc import ITC
-from vlalign.objectives.itm import ITM
-from vlalign.retrieval import rerank_with_itm, reranked_recalls
 from vlalign.tasks.pretrain import PretrainRecipe
-from vlalign.tokenization import VocabInfo
+from vlalign.testing import TINY_WIDTH, tiny_recipe
 
-WIDTH = 32
+WIDTH = TINY_WIDTH  # image tokens feed the cross-attention
 
 
 @pytest.fixture(scope="module")
 def recipe() -> PretrainRecipe:
-    torch.manual_seed(0)
-    model = PretrainRecipe(
-        vision=VisionConfig(name="vit_vlalign_tiny_patch8", img_size=16),
-        stream=StreamConfig(
-            hidden_size=WIDTH, num_layers=2, num_heads=2, intermediate_size=64, encoder_width=WIDTH,
-            max_position_embeddings=16,
-        ),
-        vocab=VocabInfo(vocab_size=40, pad_token_id=0, unk_token_id=1, cls_token_id=2, sep_token_id=3, mask_token_id=4),
+    model = tiny_recipe(
+        "itc_itm", vision={"img_size": 16}, stream={"max_position_embeddings": 16},
         itc=ITC(embed_dim=8, queue_size=0, distill=False),
-        itm=ITM(),
     )  # fmt: skip
     return model.eval()
 
@@ -41,7 +31,7 @@ def _texts(num: int, length: int, generator: torch.Generator) -> tuple[torch.Ten
 
 
 def _naive(recipe: PretrainRecipe, tokens, ids, mask, i: int, j: int) -> float:
-    fused = recipe.stream.fuse(mask[j : j + 1], tokens[i : i + 1], input_ids=ids[j : j + 1])
+    fused = recipe.backbone.stream.fuse(mask[j : j + 1], tokens[i : i + 1], input_ids=ids[j : j + 1])
     return recipe.itm.itm_head(fused.last_hidden_state[:, 0])[0, 1].item()
 
 

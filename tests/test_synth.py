@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from vlalign.data.synth import SynthSummary, write_synthetic
-from vlalign.tokenization import load_tokenizer, tokenize_captions, vocab_info
+from vlalign.data.tokenization import load_tokenizer, tokenize_captions, vocab_info
 
 SMALL = dict(num_train=40, num_val=10, num_test=10, image_size=32, samples_per_shard=20, progress=False)
 
@@ -24,8 +24,8 @@ def synth(tmp_path_factory: pytest.TempPathFactory) -> SynthSummary:
 
 
 def _digest(root: Path) -> dict[str, str]:
-    """Content hashes of everything but the tokenizer (not ours to serialise) and pretrain.json (absolute paths)."""
-    files = [p for p in root.rglob("*") if p.is_file() and "tokenizer" not in p.parts and p.name != "pretrain.json"]
+    """Content hashes of every file, the tokenizer included, but pretrain.json (it holds absolute paths)."""
+    files = [p for p in root.rglob("*") if p.is_file() and p.name != "pretrain.json"]
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
@@ -110,12 +110,23 @@ def test_captions_describe_the_scene_and_tokenize(synth: SynthSummary) -> None:
     assert not (ids == vocab_info(tokenizer).unk_token_id).any()
 
 
-def test_deterministic_under_seed(tmp_path: Path, synth: SynthSummary) -> None:
+def test_deterministic_under_seed_byte_for_byte_tokenizer_included(tmp_path: Path, synth: SynthSummary) -> None:
+    """The same seed writes the same bytes, the tokenizer's files included (its vocabulary used to be numbered
+    differently on every run, so a checkpoint could be evaluated with another run's token ids)."""
     again = write_synthetic(tmp_path / "again", seed=3, **SMALL)
     different = write_synthetic(tmp_path / "other", seed=4, **SMALL)
     reference = _digest(synth.root)
-    assert len(reference) == 60 + 4 + 3 + 1  # images, shards, retrieval JSONs, README
+    tokenizer_files = [name for name in reference if name.startswith("tokenizer/")]
+    assert "tokenizer/tokenizer.json" in tokenizer_files
+    assert len(reference) == 60 + 4 + 3 + 1 + len(tokenizer_files)  # images, shards, retrieval JSONs, README
     assert _digest(again.root) == reference
+
+    # Every file, pretrain.json included: a second run into the same directory rewrites identical bytes.
+    first = {p: p.read_bytes() for p in again.root.rglob("*") if p.is_file()}
+    write_synthetic(again.root, seed=3, **SMALL)
+    second = {p: p.read_bytes() for p in again.root.rglob("*") if p.is_file()}
+    assert second.keys() == first.keys()
+    assert [p.name for p in first if first[p] != second[p]] == []
 
     def relative(summary: SynthSummary) -> list[dict]:
         entries = json.loads(summary.pretrain_json.read_text())

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vlalign.data.text import pre_caption, swap_left_right
-from vlalign.tokenization import VocabInfo, load_tokenizer, tokenize_captions, train_wordpiece, vocab_info
+from vlalign.data.tokenization import VocabInfo, load_tokenizer, tokenize_captions, train_wordpiece, vocab_info
 
 CORPUS = [
     "a red circle to the left of a blue square",
@@ -71,6 +71,18 @@ def test_train_and_load_round_trip(tokenizer_dir: Path) -> None:
     assert tokenizer.convert_tokens_to_ids("[MASK]") == 4
     # Special tokens written in text are recognised (the VQA answers rely on "[SEP]").
     assert tokenizer.convert_tokens_to_ids(tokenizer.tokenize("red [SEP]"))[-1] == 3
+
+
+def test_train_wordpiece_is_deterministic_and_lowercase_is_an_option(tmp_path: Path) -> None:
+    """Two trainings on the same texts write identical files (the Hugging Face trainer numbered the vocabulary by
+    hash order, differently on every run); ``lowercase=False`` keeps case and accents."""
+    first = train_wordpiece(CORPUS, tmp_path / "a", vocab_size=120)
+    second = train_wordpiece(list(reversed(CORPUS)), tmp_path / "b", vocab_size=120)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+    cased = load_tokenizer(train_wordpiece(["Red Circle", "Café"], tmp_path / "cased", vocab_size=60, lowercase=False))
+    assert cased.tokenize("Red Café") == ["Red", "Café"]
+    assert load_tokenizer(first).tokenize("Red") == ["red"]
 
 
 def test_tokenize_captions_reference_encoding(tokenizer_dir: Path) -> None:

@@ -7,12 +7,12 @@ from pathlib import Path
 import torch
 from transformers import BertConfig, BertForMaskedLM
 
+from vlalign.data.tokenization import VocabInfo
 from vlalign.models.stream import StreamConfig
 from vlalign.models.vision import VisionConfig
 from vlalign.objectives.itc import ITC
 from vlalign.objectives.xmm import XMM
 from vlalign.tasks.pretrain import PretrainRecipe
-from vlalign.tokenization import VocabInfo
 
 
 def test_text_weights_load_stream_and_mlm_head(tmp_path: Path) -> None:
@@ -34,6 +34,6 @@ def test_text_weights_load_stream_and_mlm_head(tmp_path: Path) -> None:
     torch.testing.assert_close(head.bias, hf.bias)
     torch.testing.assert_close(head.transform.dense.weight, hf.transform.dense.weight)
     torch.testing.assert_close(head.decoder.weight, bert.bert.embeddings.word_embeddings.weight)
-    assert head.decoder.weight is recipe.stream.embeddings.word_embeddings.weight  # still tied
+    assert head.decoder.weight is recipe.backbone.stream.embeddings.word_embeddings.weight  # still tied
     torch.testing.assert_close(recipe.xmm.mlm_head_m.bias, hf.bias)  # the teacher starts equal
-    assert recipe.xmm.mlm_head_m.decoder.weight is recipe.stream_m.embeddings.word_embeddings.weight
+    assert recipe.xmm.mlm_head_m.decoder.weight is recipe.backbone.stream_m.embeddings.word_embeddings.weight

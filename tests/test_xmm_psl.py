@@ -8,12 +8,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from vlalign.data.tokenization import VocabInfo
 from vlalign.models.stream import SingleStreamTransformer, StreamConfig
 from vlalign.objectives.base import BuildSpec
 from vlalign.objectives.functional import keyword_loss, keyword_targets, mask_tokens
 from vlalign.objectives.image_targets import PixelTargets
 from vlalign.objectives.xmm import XMM
-from vlalign.tokenization import VocabInfo
 
 VOCAB = VocabInfo(vocab_size=30, pad_token_id=0, unk_token_id=1, cls_token_id=2, sep_token_id=3, mask_token_id=4)
 HIDDEN = 8
@@ -164,12 +164,17 @@ class _ConstantTokenTargets(PixelTargets):
 
 def _image_ctx(xmm: XMM, alpha: float, batch: dict) -> SimpleNamespace:
     stream, stream_m = _stream(), _stream()
-    recipe = SimpleNamespace(stream=stream, momentum_encoder=lambda name: stream_m)
     mask = torch.tensor([[True, False, True, False], [False, False, False, True]])
+    ids, text_mask = torch.tensor([[2, 7, 9], [2, 5, 0]]), torch.tensor([[1, 1, 1], [1, 1, 0]])
+
+    def image_side(tokens: torch.Tensor, momentum: bool = False) -> torch.Tensor:
+        encoder = stream_m if momentum else stream
+        return encoder.encode_image_side(tokens, encoder.embed_ids(ids), text_mask).last_hidden_state
+
     return SimpleNamespace(
-        recipe=recipe, batch=batch, patch_mask=mask, input_ids=torch.tensor([[2, 7, 9], [2, 5, 0]]),
-        attention_mask=torch.tensor([[1, 1, 1], [1, 1, 0]]), masked_image_tokens=torch.randn(2, 5, HIDDEN),
-        masked_image_tokens_m=torch.randn(2, 5, HIDDEN), alpha=alpha,
+        batch=batch, patch_mask=mask, input_ids=ids, attention_mask=text_mask, image_side=image_side,
+        masked_image_tokens=torch.randn(2, 5, HIDDEN), masked_image_tokens_m=torch.randn(2, 5, HIDDEN), alpha=alpha,
+        streams=(stream, stream_m),
     )  # fmt: skip
 
 

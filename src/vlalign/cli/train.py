@@ -2,31 +2,43 @@
 
 Configuration mistakes that need both the data and the model settings are caught in
 :meth:`VlalignCLI.before_instantiate_classes`, on the parsed config, before any model or data module is built.
+The same hook adds the fault-tolerance machinery every run gets (:func:`add_run_machinery`) and turns
+``--ckpt_path last`` into the newest checkpoint of the configured run, continuing in its folder
+(:mod:`vlalign.training.run_folder`). ``--ckpt_path`` never loads a remote file, and checkpoints are always loaded
+with ``weights_only=True``.
 """
 
 from __future__ import annotations
 
-import difflib
 import importlib
-import inspect
-import re
-from pathlib import Path
-from types import SimpleNamespace
+import traceback
 from typing import Any
 
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from vlalign.tasks.pretrain import OBJECTIVE_SLOTS, PretrainRecipe
+from vlalign.cli.config_checks import check_config
+from vlalign.cli.main import TRAINING_COMMANDS
+from vlalign.errors import ConfigError, UserError
+from vlalign.tasks.pretrain import PretrainRecipe
+from vlalign.training.run_folder import find_resume, run_folder_from_config
+from vlalign.weights.safe_loading import check_resume_checkpoint
 
-TRAINING_COMMANDS = ("fit", "validate", "test")
+__all__ = [
+    "ConfigError",
+    "TRAINING_COMMANDS",
+    "VlalignCLI",
+    "add_run_machinery",
+    "check_config",
+    "run_training_cli",
+]
 
-# How to satisfy a requirement other than enabling the required objective, when the requirement depends on settings.
-_REQUIREMENT_HINTS = {("itm", "itc"): "or let model.itm draw random negatives (--model.itm.negatives random)"}
-
-
-class ConfigError(ValueError):
-    """A configuration mistake found before anything is built; the message names the keys and how to fix them."""
+PREEMPTION_CHECKPOINT = "vlalign.training.fault_tolerance.PreemptionCheckpoint"
+ATOMIC_CHECKPOINT_IO = "vlalign.training.fault_tolerance.AtomicCheckpointIO"
+LAST_CHECKPOINT = "vlalign.training.run_folder.LastCheckpoint"
+DATA_QUALITY_MONITOR = "vlalign.training.data_quality.DataQualityMonitor"
 
 
 class VlalignCLI(LightningCLI):
@@ -36,282 +48,205 @@ class VlalignCLI(LightningCLI):
         parser.link_arguments("model.vision.img_size", "data.init_args.image_size")
         parser.link_arguments("data.vocab", "model.vocab", apply_on="instantiate")
 
+    def parse_arguments(self, parser, args) -> None:  # noqa: ANN001 - LightningArgumentParser, ArgsType
+        """Parse ``args`` as given, then refuse checkpoint loading that could run code (before Lightning reads the
+        checkpoint's hyper-parameters).
+
+        `vlalign` always passes its command line as ``args``, so Lightning's warning about getting both ``args``
+        and ``sys.argv`` does not apply and is not raised.
+        """
+        self.config = parser.parse_object(args) if isinstance(args, (dict, Namespace)) else parser.parse_args(args)
+        subcommand = self.config.get("subcommand")
+        if subcommand:
+            enforce_safe_checkpoint_loading(self.config[subcommand])
+
+    def _parse_ckpt_path(self) -> None:
+        """Keep the command line's configuration as given when ``--ckpt_path`` names a file.
+
+        Lightning would merge the checkpoint's hyper-parameters into the config (meant for modules that record
+        nothing else). vlalign checkpoints describe their model themselves (``vlalign_model``) and the run's config
+        is authoritative; merged, the recorded config objects also could not be written back to ``config.yaml``.
+        """
+
     def before_instantiate_classes(self) -> None:
-        """Cross-check data, model and trainer settings on the parsed config; raises :class:`ConfigError`."""
+        """Cross-check data, model and trainer settings on the parsed config (raises :class:`ConfigError`), add the
+        run machinery, resolve ``--ckpt_path last``; validate and test write no ``config.yaml``."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         check_config(config, self.subcommand or "fit")
+        add_run_machinery(config.trainer)
+        if self.subcommand and config.get("ckpt_path") == "last":
+            resume_last(config, continue_run_folder=self.subcommand == "fit")
+        if self.subcommand in ("validate", "test"):
+            self.save_config_callback = None  # only fit writes config.yaml, into its run folder
+
+    def instantiate_classes(self) -> None:
+        """Build data, model and trainer; a range check or a missing file in their ``__init__`` becomes a
+        :class:`ConfigError` naming the config section."""
+        try:
+            super().instantiate_classes()
+        except (ValueError, FileNotFoundError, MisconfigurationException) as error:
+            user_error = instantiation_error(error)
+            if user_error is None:
+                raise
+            raise user_error from error
 
 
-# -- configuration checks ------------------------------------------------------------------------------------------
-def check_config(config: Namespace, subcommand: str = "fit") -> None:
-    """Every cross-setting mistake in a parsed training config, reported together as one :class:`ConfigError`.
+# -- checkpoint loading ------------------------------------------------------------------------------------------------
+def enforce_safe_checkpoint_loading(config: Namespace) -> None:
+    """``--weights_only`` is forced to True (``false`` is refused); ``--ckpt_path`` must be a local checkpoint."""
+    if "weights_only" in config:
+        if config.weights_only is False:
+            raise ConfigError(
+                "--weights_only false would unpickle the checkpoint, running any code it carries; vlalign loads "
+                "checkpoints with weights_only=True only. Leave out --weights_only (vlalign's checkpoints load with it)"
+            )
+        config.weights_only = True
+    ckpt_path = config.get("ckpt_path")
+    if ckpt_path is not None:
+        check_resume_checkpoint(str(ckpt_path))
 
-    Cheap by design: reads the tokenizer and checkpoint headers (tensor shapes), never builds the model.
+
+def resume_last(config: Namespace, continue_run_folder: bool) -> None:
+    """``--ckpt_path last``: the newest ``last.ckpt`` of the configured run; fit continues in its run folder.
+
+    Raises:
+        ConfigError: nothing to resume (where it looked, how to start afresh).
     """
-    model = _get(config, "model") or Namespace()
-    data = _get(config, "data")
-    data_args = _get(data, "init_args") if isinstance(data, Namespace) and _get(data, "class_path") else data
-    data_args = data_args if isinstance(data_args, Namespace) else Namespace()
-    trainer = _get(config, "trainer") or Namespace()
-    objectives = _enabled_objectives(model)
-    errors: list[str] = []
-    errors += _check_requirements(objectives)
-    errors += _check_vision(model, data_args, objectives)
-    if subcommand == "fit":  # only training writes the queue
-        errors += _check_queue(objectives, data_args, trainer)
-    errors += _check_vocabulary(model, data_args)
-    if errors:
-        listing = "\n".join(f"  - {error}" for error in errors)
-        raise ConfigError(f"invalid configuration ({len(errors)} problem{'s' * (len(errors) > 1)}):\n{listing}")
+    folder = run_folder_from_config(config.trainer.as_dict())
+    resume = find_resume(folder)
+    check_resume_checkpoint(resume.checkpoint)
+    config.ckpt_path = str(resume.checkpoint)
+    if continue_run_folder and resume.version is not None:
+        _set_logger_version(config.trainer, resume.version)
+    step = "" if resume.global_step is None else f" (global step {resume.global_step})"
+    where = (
+        f"; logs and checkpoints continue in {resume.checkpoint.parent.parent}" if resume.version is not None else ""
+    )
+    rank_zero_info(f"--ckpt_path last: resuming {resume.checkpoint}{step}{where}")
 
 
-def _get(namespace: Any, key: str, default: Any = None) -> Any:
-    if isinstance(namespace, Namespace):
-        return namespace.get(key, default)
-    if isinstance(namespace, dict):
-        return namespace.get(key, default)
-    return default
-
-
-class _Objective:
-    """An enabled objective slot as configured: its class and settings (signature defaults + given init_args)."""
-
-    def __init__(self, slot: str, cls: type | None, settings: dict[str, Any]) -> None:
-        self.slot = slot
-        self.cls = cls
-        self.settings = settings
-
-    def attribute(self, name: str, default: Any) -> Any:
-        """A class attribute, or a property evaluated on the settings alone (no module is built)."""
-        if self.cls is None:
-            return default
-        try:
-            value = inspect.getattr_static(self.cls, name)
-        except AttributeError:
-            return default
-        if isinstance(value, property):
-            try:
-                return value.fget(SimpleNamespace(**self.settings))
-            except Exception:  # noqa: BLE001 - needs more than the settings: the recipe checks it when built
-                return default
-        return getattr(self.cls, name, default)
-
-
-def _enabled_objectives(model: Namespace) -> dict[str, _Objective]:
-    enabled = {}
-    for slot in OBJECTIVE_SLOTS:
-        value = _get(model, slot)
-        if value is None:
-            continue
-        class_path = _get(value, "class_path")
-        cls = None
-        if isinstance(class_path, str) and "." in class_path:
-            module, _, name = class_path.rpartition(".")
-            try:
-                cls = getattr(importlib.import_module(module), name)
-            except (ImportError, AttributeError):
-                cls = None  # jsonargparse reports unknown classes itself
-        settings: dict[str, Any] = {}
-        if cls is not None:
-            for parameter in inspect.signature(cls.__init__).parameters.values():
-                if parameter.default is not inspect.Parameter.empty:
-                    settings[parameter.name] = parameter.default
-        init_args = _get(value, "init_args")
-        if isinstance(init_args, Namespace):
-            settings.update(init_args.as_dict())
-        enabled[slot] = _Objective(slot, cls, settings)
-    return enabled
-
-
-def _check_requirements(objectives: dict[str, _Objective]) -> list[str]:
-    if not objectives:
-        slots = ", ".join(f"model.{slot}" for slot in OBJECTIVE_SLOTS)
-        return [f"no objective enabled: set at least one of {slots} (e.g. --model.itc '{{}}')"]
-    errors = []
-    for slot, objective in objectives.items():
-        for required in objective.attribute("requires", ()):
-            if required not in objectives:
-                hint = _REQUIREMENT_HINTS.get((slot, required))
-                errors.append(
-                    f"model.{slot} requires model.{required}, which is disabled (model.{required}: null). Fix: enable "
-                    f"model.{required} (--model.{required} '{{}}', or `{required}: {{}}` under `model:` in the "
-                    f"config), or disable model.{slot} (--model.{slot} null)" + (f", {hint}" if hint else "")
-                )
-    return errors
-
-
-def vit_patch_size(name: str) -> int | None:
-    """The patch side of timm model ``name``: from the name (``..._patch16_...``), else from a meta-device build."""
-    import timm
-
-    match = re.search(r"patch(\d+)", name)
-    if match:
-        return int(match.group(1))
-    if not timm.is_model(name):
-        return None
-    import torch
-
-    with torch.device("meta"):  # shapes only: no memory, no initialisation
-        vit = timm.create_model(name, pretrained=False, num_classes=0)
-    patch = getattr(getattr(vit, "patch_embed", None), "patch_size", None)
-    return int(patch[0]) if patch is not None else None
-
-
-def _check_vision(model: Namespace, data: Namespace, objectives: dict[str, _Objective]) -> list[str]:
-    import timm
-
-    import vlalign.models.vision  # noqa: F401 - registers the tiny test ViTs with timm
-
-    vision = _get(model, "vision")
-    name, img_size = _get(vision, "name"), _get(vision, "img_size")
-    if not isinstance(name, str):
-        return []
-    errors = []
-    if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models("*vit*") + timm.list_models("*deit*"), n=5)
-        suggestion = f"; did you mean one of: {', '.join(close)}" if close else "; see timm.list_models('*vit*')"
-        return [f"model.vision.name: {name!r} is not a timm model{suggestion}"]
-    patch = vit_patch_size(name)
-    if patch is None:
-        return []
-    if isinstance(img_size, int) and img_size % patch:
-        lower, upper = img_size - img_size % patch, img_size - img_size % patch + patch
-        errors.append(
-            f"model.vision.img_size ({img_size}) is not a multiple of the patch size {patch} of {name}: "
-            f"use e.g. {lower or upper} or {upper} (data.image_size follows model.vision.img_size)"
+def _set_logger_version(trainer: Namespace, version: int | str) -> None:
+    """Point the (first) logger at an existing run folder; Lightning's default logger becomes explicit."""
+    loggers = trainer.get("logger")
+    logger = loggers[0] if isinstance(loggers, list) and loggers else loggers
+    if logger is None or logger is True:
+        trainer.logger = Namespace(
+            class_path="lightning.pytorch.loggers.TensorBoardLogger",
+            init_args=Namespace(save_dir=str(trainer.get("default_root_dir") or "."), name="lightning_logs"),
         )
-    masked = [slot for slot, o in objectives.items() if o.attribute("needs_masked_images", False)]
-    mask_patch = _get(data, "mask_patch_size")
-    if masked and mask_patch != patch and "mask_patch_size" in data:
-        how = "is not set" if mask_patch is None else f"is {mask_patch}"
-        errors.append(
-            f"model.{masked[0]} masks image patches, so data.mask_patch_size must equal the ViT patch size {patch} "
-            f"of {name}, but it {how}: set --data.init_args.mask_patch_size {patch}"
-        )
-    return errors
+        logger = trainer.logger
+    init_args = logger.get("init_args") if isinstance(logger, Namespace) else None
+    if isinstance(init_args, Namespace):
+        init_args.version = version
 
 
-def _world_size(trainer: Namespace) -> int:
-    """Processes the trainer settings will start (devices x nodes); 'auto' / -1 count the visible GPUs."""
-    import torch
-
-    devices, accelerator = _get(trainer, "devices", "auto"), str(_get(trainer, "accelerator", "auto"))
-    nodes = _get(trainer, "num_nodes", 1) or 1
-    count: int
-    if isinstance(devices, (list, tuple)):
-        count = len(devices)
-    elif isinstance(devices, str) and "," in devices:
-        count = len([d for d in devices.split(",") if d.strip()])
-    else:
-        try:
-            count = int(devices)
-        except (TypeError, ValueError):
-            count = -1  # "auto"
-        if count < 0:
-            gpus = torch.cuda.device_count() if accelerator in ("gpu", "cuda", "auto") else 0
-            count = max(1, gpus)
-    return max(1, count) * int(nodes)
-
-
-def _check_queue(objectives: dict[str, _Objective], data: Namespace, trainer: Namespace) -> list[str]:
-    itc = objectives.get("itc")
-    batch_size = _get(data, "batch_size")
-    if itc is None or not isinstance(batch_size, int):
+# -- the machinery every run gets ------------------------------------------------------------------------------------
+def _entries(value: Any) -> list[Any]:
+    if value is None:
         return []
-    queue_size = itc.settings.get("queue_size", 0)
-    if not isinstance(queue_size, int) or queue_size <= 0:
-        return []
-    world = _world_size(trainer)
-    accumulate = _get(trainer, "accumulate_grad_batches", 1) or 1
-    written = batch_size * world * int(accumulate)
-    if queue_size >= written:
-        return []
-    return [
-        f"model.itc.queue_size ({queue_size}) is smaller than the features written to it per optimizer step: "
-        f"data.batch_size ({batch_size}) x {world} process(es) x trainer.accumulate_grad_batches ({accumulate}) "
-        f"= {written}, so the queue would never hold a full step of negatives. Raise model.itc.queue_size to at "
-        f"least {written}, lower data.batch_size, or set model.itc.queue_size 0 to disable the queue"
-    ]
+    return list(value) if isinstance(value, list) else [value]
 
 
-def _word_embedding_rows(path: Path) -> int | None:
-    """Rows of the (online) word-embedding table in a checkpoint, read from its header; None if it has none."""
-    import torch
-
-    from vlalign.models.loading import resolve_checkpoint
-
-    file = resolve_checkpoint(path)
-
-    def pick(keys: list[str]) -> str | None:
-        candidates = [k for k in keys if k.endswith("word_embeddings.weight") and "_m." not in k]
-        return min(candidates, key=len) if candidates else None
-
-    if file.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(file), framework="pt") as handle:
-            key = pick(list(handle.keys()))
-            return int(handle.get_slice(key).get_shape()[0]) if key else None
-    from vlalign.checkpoints import allow_config_classes_in_checkpoints
-
-    allow_config_classes_in_checkpoints()  # Lightning checkpoints carry the config dataclasses in hyper_parameters
+def _is_a(entry: Any, base: type) -> bool:
+    class_path = entry.get("class_path") if isinstance(entry, Namespace) else None
+    if not isinstance(class_path, str) or "." not in class_path:
+        return isinstance(entry, base)
+    module, _, name = class_path.rpartition(".")
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001 - an unreadable file gets its own error from the loader, with its path
-        return None
-    for wrapper in ("state_dict", "model", "module"):
-        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
-            break
-    if not isinstance(state, dict):
-        return None
-    key = pick([k for k in state if isinstance(k, str)])
-    return int(state[key].shape[0]) if key else None
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return False
+    return isinstance(cls, type) and issubclass(cls, base)
 
 
-def _check_vocabulary(model: Namespace, data: Namespace) -> list[str]:
-    errors = []
-    tokenizer = _get(data, "tokenizer")
-    tokenizer_dir = Path(tokenizer).expanduser() if isinstance(tokenizer, str) else None
-    if tokenizer_dir is not None and not tokenizer_dir.is_dir():
-        problem = "does not exist" if not tokenizer_dir.exists() else "is not a directory"
-        errors.append(
-            f"data.tokenizer: {tokenizer_dir} {problem}; give a local tokenizer directory saved with "
-            f"save_pretrained() (e.g. the bert-base-uncased folder, or `vlalign data synth` output's tokenizer/)"
+def add_run_machinery(trainer: Namespace) -> None:
+    """Add what every run needs unless configured already, so no config has to list it.
+
+    - :class:`~vlalign.training.run_folder.LastCheckpoint` (when checkpointing is enabled): ``last.ckpt`` is the
+      newest step. It takes over ``save_last`` of the configured ModelCheckpoints (which is turned off: with a
+      monitored metric it only copied the best), with the ``dirpath`` and ``every_n_train_steps`` of the first.
+    - :class:`~vlalign.training.fault_tolerance.PreemptionCheckpoint`: SIGTERM / SIGUSR1 save ``last.ckpt`` and
+      exit 143 / 138 (a configured one without ``filename`` also saves ``last.ckpt``).
+    - :class:`~vlalign.training.data_quality.DataQualityMonitor`: skipped samples logged per reason and per epoch.
+    - :class:`~vlalign.training.fault_tolerance.AtomicCheckpointIO`, unless another checkpoint IO plugin is set.
+    """
+    from lightning.fabric.plugins import CheckpointIO
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from vlalign.training.data_quality import DataQualityMonitor
+    from vlalign.training.fault_tolerance import PreemptionCheckpoint
+    from vlalign.training.run_folder import LastCheckpoint
+
+    callbacks = _entries(trainer.get("callbacks"))
+    if trainer.get("enable_checkpointing") is not False and not any(_is_a(c, LastCheckpoint) for c in callbacks):
+        takes_over = [c for c in callbacks if _is_a(c, ModelCheckpoint) and c.get("init_args.save_last")]
+        dirpath = takes_over[0].init_args.get("dirpath") if takes_over else None
+        every = takes_over[0].init_args.get("every_n_train_steps") if takes_over else None
+        for entry in takes_over:
+            entry.init_args.save_last = False
+        callbacks.append(
+            Namespace(class_path=LAST_CHECKPOINT, init_args=Namespace(dirpath=dirpath, every_n_train_steps=every))
         )
-        tokenizer_dir = None
-    checkpoints = {
-        "model.text_weights": _get(model, "text_weights"),
-        "model.init_from": _get(model, "init_from"),
-        "model.vision.weights": _get(_get(model, "vision"), "weights"),
-    }
-    for key, value in checkpoints.items():
-        if isinstance(value, str) and not Path(value).expanduser().exists():
-            errors.append(f"{key}: {Path(value).expanduser()} does not exist")
-    if tokenizer_dir is None or errors:
-        return errors
-    sources = {k: Path(v).expanduser() for k, v in checkpoints.items() if v and k != "model.vision.weights"}
-    if not sources:
-        return errors
-    from vlalign.tokenization import load_tokenizer
+    preemption = [c for c in callbacks if _is_a(c, PreemptionCheckpoint)]
+    for entry in preemption:
+        if isinstance(entry, Namespace) and entry.get("init_args.filename") is None:
+            entry.init_args = entry.get("init_args") or Namespace()
+            entry.init_args.filename = "last"
+    if not preemption:
+        callbacks.append(Namespace(class_path=PREEMPTION_CHECKPOINT, init_args=Namespace(filename="last")))
+    if not any(_is_a(c, DataQualityMonitor) for c in callbacks):
+        callbacks.append(Namespace(class_path=DATA_QUALITY_MONITOR))
+    trainer.callbacks = callbacks
+    plugins = _entries(trainer.get("plugins"))
+    if not any(_is_a(p, CheckpointIO) for p in plugins):
+        plugins.append(Namespace(class_path=ATOMIC_CHECKPOINT_IO))
+    trainer.plugins = plugins
 
-    vocab_size = len(load_tokenizer(tokenizer_dir))
-    for key, path in sources.items():
-        try:
-            rows = _word_embedding_rows(path)
-        except FileNotFoundError as err:
-            errors.append(f"{key}: {err}")
+
+# -- errors while building ---------------------------------------------------------------------------------------------
+def instantiation_error(error: BaseException) -> UserError | None:
+    """The user error behind an exception raised while building data, model or trainer, or None for a bug.
+
+    jsonargparse wraps what an ``__init__`` raised (``__cause__``); the innermost exception decides: a
+    :class:`UserError` as is, a ``ValueError`` / ``FileNotFoundError`` / Lightning misconfiguration as a
+    :class:`ConfigError` naming the section (``model``, ``data``, ``trainer``) and the class that refused.
+    """
+    root = error
+    while root.__cause__ is not None:
+        root = root.__cause__
+    if isinstance(root, UserError):
+        return root
+    if not isinstance(root, (ValueError, FileNotFoundError, MisconfigurationException)):
+        return None
+    section, cls = _raising_section(root)
+    return ConfigError(f"{section} ({cls}): {root}")
+
+
+def _raising_section(error: BaseException) -> tuple[str, str]:
+    """The config section whose class raised ``error`` (from the ``__init__`` frames it passed), and that class."""
+    from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
+    from lightning.pytorch.loggers import Logger
+
+    sections = (
+        (LightningModule, "model"),
+        (LightningDataModule, "data"),
+        (Trainer, "trainer"),
+        (Callback, "trainer.callbacks"),
+        (Logger, "trainer.logger"),
+    )
+    first: type | None = None
+    for frame, _ in traceback.walk_tb(error.__traceback__):
+        owner = frame.f_locals.get("self") if frame.f_code.co_name in ("__init__", "__post_init__") else None
+        if owner is None:
             continue
-        if rows is None or rows == vocab_size:
-            continue
-        relation = "smaller" if rows < vocab_size else "larger"
-        errors.append(
-            f"{key} ({path}) has a word-embedding table of {rows} rows, {relation} than the {vocab_size} tokens of "
-            f"data.tokenizer ({tokenizer_dir}); token ids would "
-            + ("index past the table" if rows < vocab_size else "not match the trained rows")
-            + ". Use the tokenizer these weights were trained with (data.tokenizer), or other weights"
-        )
-    return errors
+        first = first or type(owner)
+        for base, section in sections:
+            if isinstance(owner, base):
+                return section, type(owner).__name__
+    if first is None:
+        return "configuration", type(error).__name__
+    section = "model" if first.__module__.startswith(("vlalign.objectives", "vlalign.models")) else "configuration"
+    return section, first.__name__
 
 
 def run_training_cli(args: list[str]) -> VlalignCLI:

@@ -1,4 +1,4 @@
-"""BEiT block masking of image patches for SIMLA's image-side XMM (method note 2.4).
+"""BEiT block masking of image patches for SIMLA's image-side XMM (docs/method.md §4.3).
 
 Runs in data workers on one sample at a time, so plain Python is fine here.
 """

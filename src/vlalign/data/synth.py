@@ -18,7 +18,7 @@ import webdataset as wds
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from vlalign.tokenization import train_wordpiece
+from vlalign.data.tokenization import train_wordpiece
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),

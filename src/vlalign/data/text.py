@@ -10,7 +10,7 @@ _LEFT_RIGHT = re.compile(r"\b(left|right)\b", re.IGNORECASE)
 
 
 def pre_caption(text: str, max_words: int = 30) -> str:
-    """Normalise a caption exactly like ALBEF/SIMLA's ``pre_caption`` (method note 3.2).
+    """Normalise a caption exactly like ALBEF/SIMLA's ``pre_caption`` (docs/method.md §4.1).
 
     Lower-case; delete ``, . ' ! ? " ( ) * # : ; ~``; ``-`` and ``/`` become spaces; ``<person>`` becomes
     ``person``; runs of two or more whitespace characters become one space; surrounding spaces are stripped;
@@ -42,6 +42,6 @@ def swap_left_right(text: str) -> str:
     """Swap the whole words "left" and "right", keeping their capitalisation.
 
     Applied when the image is flipped horizontally, so "a dog on the left" still describes the picture
-    (the reference flips without it, method note 8.2.16).
+    (the reference flips without it, docs/differences.md row 19).
     """
     return _LEFT_RIGHT.sub(_swap_word, text)

@@ -1,4 +1,4 @@
-"""Image decoding and the pre-training / evaluation image transforms (method note 3.3)."""
+"""Image decoding and the pre-training / evaluation image transforms (docs/method.md §4.2)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from vlalign.data.text import swap_left_right
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
-# The reference RandomAugment's operations (method note 3.3) under timm's names. The reference's set has no
+# The reference RandomAugment's operations (docs/method.md §4.2) under timm's names. The reference's set has no
 # colour-changing ops (Solarize, Posterize, Invert, Color), which matters when captions name colours.
 REFERENCE_RANDAUG_OPS: tuple[str, ...] = (
     "AutoContrast",
@@ -71,7 +71,7 @@ class PretrainTransform:
 
     The tokenizer view (SIMLA's MIM targets) is the augmented ViT view resized down to ``tokenizer_view_size``,
     so the code at patch p describes what the ViT sees at patch p. The reference instead draws this view with
-    an independent crop, flip and RandAugment (method note 8.1.1), which misaligns targets and masked patches.
+    an independent crop, flip and RandAugment (docs/differences.md row 7), which misaligns targets and masked patches.
     It is returned un-normalised in [0, 1] because the image tokenizer applies its own input map.
     """
 

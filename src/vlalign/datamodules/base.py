@@ -7,7 +7,9 @@ lives here once, so both storage formats produce identical batches.
 from __future__ import annotations
 
 import os
-from dataclasses import replace
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -15,27 +17,65 @@ from typing import Any
 import lightning as L
 import torch
 import torch.distributed as dist
+from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
+from vlalign.data.annotations import InputFileNotFound
 from vlalign.data.masking import BlockMaskGenerator
+from vlalign.data.tokenization import VocabInfo, load_tokenizer, vocab_info
 from vlalign.data.transforms import DEFAULT_MAX_PIXELS, AugmentConfig, EvalTransform, PretrainTransform
 from vlalign.datamodules.collate import PretrainCollate, SampleProcessor, SkipGuard
 from vlalign.datamodules.retrieval import RetrievalCollate, RetrievalEvalDataset
-from vlalign.tokenization import VocabInfo, load_tokenizer, vocab_info
 
 
 def require_path(path: str | Path, key: str) -> Path:
-    """Return ``path`` as a Path, or raise FileNotFoundError naming the config key and the path."""
+    """Return ``path`` as a Path, or raise :class:`InputFileNotFound` (a ``FileNotFoundError``) naming the config
+    key and the path."""
     resolved = Path(path).expanduser()
     if not resolved.exists():
-        raise FileNotFoundError(f"{key}: {resolved} does not exist")
+        raise InputFileNotFound(f"{key}: {resolved} does not exist (set data.{key} to an existing path)")
     return resolved
 
 
 def require_positive(value: int, key: str, minimum: int = 1) -> None:
     if value < minimum:
         raise ValueError(f"{key} must be >= {minimum}, got {value}")
+
+
+#: Signals that stop a job and that schedulers, ``timeout``, container runtimes and terminals (Ctrl-C) send to a
+#: whole process group. DataLoader workers ignore them: the training process alone decides (PreemptionCheckpoint
+#: saves and exits; Ctrl-C ends the run) and then shuts its workers down through the DataLoader, and a worker whose
+#: training process is gone exits by itself (PyTorch's worker watchdog). SIGKILL still ends a worker at once.
+STOP_SIGNALS: tuple[signal.Signals, ...] = tuple(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name)
+)
+
+
+@dataclass(frozen=True)
+class WorkerInit:
+    """``worker_init_fn`` of every loader of the data modules: ignore :data:`STOP_SIGNALS`, then seed.
+
+    Without it, a signal sent to the process group kills the workers with the default action before the training
+    process can save: it fails with ``DataLoader worker ... killed by signal`` and no checkpoint. Lightning adds its
+    own per-worker seeding (``seed_everything(workers=True)``, as the CLI does) only to loaders without a
+    ``worker_init_fn``, so this one runs it itself; ``then`` chains any further function. Picklable (spawn).
+
+    Args:
+        rank: Global rank of the process that owns the loader (for Lightning's worker seeds).
+        then: Called with the worker id afterwards.
+    """
+
+    rank: int = 0
+    then: Callable[[int], None] | None = None
+
+    def __call__(self, worker_id: int) -> None:
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+        if int(os.environ.get("PL_SEED_WORKERS", 0)):
+            pl_worker_init_function(worker_id, rank=self.rank)
+        if self.then is not None:
+            self.then(worker_id)
 
 
 class PretrainDataModule(L.LightningDataModule):
@@ -175,13 +215,20 @@ class PretrainDataModule(L.LightningDataModule):
         return self.image_root if self.image_root is not None else Path(json_file).parent
 
     def loader_kwargs(self) -> dict[str, Any]:
-        """DataLoader options shared by every loader of this module (pinning only helps when there is a GPU)."""
+        """DataLoader options shared by every loader of this module (pinning only helps when there is a GPU).
+
+        With workers, their ``worker_init_fn`` (:class:`WorkerInit`) makes them ignore the stop signals, so a
+        SIGTERM / SIGUSR1 sent to the whole process group reaches only the training process's handler.
+        """
         workers = self.num_workers
-        return {
+        kwargs: dict[str, Any] = {
             "num_workers": workers,
             "pin_memory": self.pin_memory and torch.cuda.is_available(),
             "persistent_workers": self.persistent_workers and workers > 0,
         }
+        if workers > 0:
+            kwargs["worker_init_fn"] = WorkerInit(rank=self.process_group()[0])
+        return kwargs
 
     def process_group(self) -> tuple[int, int]:
         """``(rank, world_size)`` of this process, read in the main process (workers may not see the group)."""

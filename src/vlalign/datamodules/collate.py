@@ -20,8 +20,8 @@ from transformers import PreTrainedTokenizerBase
 
 from vlalign.data.masking import BlockMaskGenerator
 from vlalign.data.text import pre_caption
+from vlalign.data.tokenization import tokenize_captions
 from vlalign.data.transforms import DEFAULT_MAX_PIXELS, BadSampleError, PretrainTransform, load_rgb
-from vlalign.tokenization import tokenize_captions
 
 log = logging.getLogger(__name__)
 

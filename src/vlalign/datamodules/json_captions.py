@@ -6,11 +6,13 @@ Lets users train on the annotation files the reference code ships, with no conve
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from torch.utils.data import DataLoader, Dataset
 
+from vlalign.data.annotations import DEFAULT_IMAGE_CHECKS, check_images_exist, load_annotations
 from vlalign.datamodules.base import PretrainDataModule, require_path
 from vlalign.datamodules.collate import (
     MISSING_CAPTION,
@@ -20,7 +22,7 @@ from vlalign.datamodules.collate import (
     SampleProcessor,
     SkippedSample,
 )
-from vlalign.datamodules.retrieval import load_annotations
+from vlalign.errors import InputFileError
 
 
 class JsonCaptionDataset(Dataset):
@@ -39,17 +41,33 @@ class JsonCaptionDataset(Dataset):
         self.processor = processor
 
     @classmethod
-    def from_files(cls, files: list[str | Path], processor: SampleProcessor, roots: list[Path]) -> JsonCaptionDataset:
-        """Read every file; relative image paths of ``files[i]`` are resolved against ``roots[i]``."""
+    def from_files(
+        cls,
+        files: Sequence[str | Path],
+        processor: SampleProcessor,
+        roots: Sequence[Path],
+        image_checks: int | None = DEFAULT_IMAGE_CHECKS,
+    ) -> JsonCaptionDataset:
+        """Read every file; relative image paths of ``files[i]`` are resolved against ``roots[i]``.
+
+        A few missing images are skipped and counted like any bad sample, but a file none of whose images is found
+        (checking up to ``image_checks`` entries spread over it; None: skip the check) is a wrong image root: it
+        raises :class:`~vlalign.errors.InputFileError` with an example path and the ``data.image_root`` hint. So
+        does a file that is not a non-empty JSON list.
+        """
         entries: list[tuple[Path | str, Any]] = []
         for json_file, root in zip(files, roots, strict=True):
+            images: list[tuple[int, Path]] = []
             for position, entry in enumerate(load_annotations(json_file)):
                 image = entry.get("image") if isinstance(entry, dict) else None
                 caption = entry.get("caption") if isinstance(entry, dict) else None
                 if isinstance(image, str) and image:
                     entries.append((root / image, caption))
+                    images.append((position, root / image))
                 else:  # counted when drawn, like every other bad sample, rather than failing the whole file
                     entries.append((f"{json_file}#{position}", caption))
+            if image_checks is not None:
+                check_images_exist(json_file, images, root, limit=image_checks)
         return cls(entries, processor)
 
     def __len__(self) -> int:
@@ -101,6 +119,14 @@ class JsonCaptionDataModule(PretrainDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
             self.setup("fit")
+        assert self.train_dataset is not None
+        rank, world_size = self.process_group()
+        if len(self.train_dataset) < self.batch_size * world_size:
+            raise InputFileError(
+                f"{self.data_source}: {len(self.train_dataset)} entries, fewer than one batch of data.batch_size "
+                f"{self.batch_size} x {world_size} process(es) (the last incomplete batch is dropped, so no training "
+                "step would run): add entries or lower data.batch_size"
+            )
         return DataLoader(
             self.train_dataset,
             batch_size=self.batch_size,

@@ -18,28 +18,32 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from vlalign.data.annotations import (
+    LAYOUT,
+    check_images_exist,
+    entry_captions,
+    json_kind,
+    load_annotations,
+)
 from vlalign.data.text import pre_caption
+from vlalign.data.tokenization import tokenize_captions
 from vlalign.data.transforms import BadSampleError, load_rgb
-from vlalign.tokenization import tokenize_captions
+from vlalign.errors import InputFileError
 
-
-def load_annotations(json_file: str | Path) -> list[dict[str, Any]]:
-    """Read a JSON list of annotation entries, with an error that names the file when it is not one."""
-    path = Path(json_file)
-    if not path.is_file():
-        raise FileNotFoundError(f"annotation file not found: {path}")
-    with path.open(encoding="utf-8") as handle:
-        entries = json.load(handle)
-    if not isinstance(entries, list):
-        raise ValueError(f"{path}: expected a JSON list of entries, got {type(entries).__name__}")
-    return entries
+__all__ = ["RetrievalCollate", "RetrievalEvalDataset", "load_annotations"]
 
 
 class RetrievalEvalDataset(Dataset):
     """One item per image with all of its captions (``pre_caption``'d), for retrieval evaluation.
 
-    Relative image paths are resolved against ``image_root``. Unlike training, an unreadable image raises:
-    silently dropping test images would change the reported recall.
+    Relative image paths are resolved against ``image_root``. The file is checked when the dataset is built: every
+    entry needs an image path and at least one caption, and every image file must exist, so a wrong
+    ``data.image_root`` fails at setup with one message instead of in a data worker. Unlike training, an unreadable
+    image raises: silently dropping test images would change the reported recall.
+
+    Raises:
+        InputFileError: the file is not a usable caption list, an entry lacks its image or captions, or images are
+            not found (the message names the file, the entry and the fix).
     """
 
     def __init__(
@@ -48,6 +52,7 @@ class RetrievalEvalDataset(Dataset):
         image_root: str | Path,
         transform: Callable[[Image.Image], Tensor],
         max_words: int = 30,
+        check_images: bool = True,
     ) -> None:
         entries = load_annotations(json_file)
         self.json_file = Path(json_file)
@@ -57,15 +62,25 @@ class RetrievalEvalDataset(Dataset):
         self.text_image_index: list[int] = []
         self.image_text_index: list[list[int]] = []
         for image_index, entry in enumerate(entries):
-            if "image" not in entry or "caption" not in entry:
-                raise ValueError(f"{json_file}: entry {image_index} needs 'image' and 'caption' keys")
-            captions = entry["caption"]
-            captions = [captions] if isinstance(captions, str) else list(captions)
-            self.images.append(Path(image_root) / entry["image"])
+            image = entry.get("image") if isinstance(entry, dict) else None
+            if not isinstance(image, str) or not image:
+                raise InputFileError(
+                    f"{json_file}: entry {image_index} has no image path ('image': a non-empty string), got "
+                    f"{_describe(entry, 'image')}; retrieval entries look like {LAYOUT}"
+                )
+            captions = entry_captions(entry)
+            if captions is None:
+                raise InputFileError(
+                    f"{json_file}: entry {image_index} ({image}) has no caption ('caption': a string or a non-empty "
+                    f"list of strings), got {_describe(entry, 'caption')}; every evaluation image needs a caption"
+                )
+            self.images.append(Path(image_root) / image)
             first = len(self.captions)
             self.captions.extend(pre_caption(c, max_words) for c in captions)
             self.text_image_index.extend([image_index] * len(captions))
             self.image_text_index.append(list(range(first, len(self.captions))))
+        if check_images:
+            check_images_exist(json_file, list(enumerate(self.images)), Path(image_root))
 
     @property
     def num_images(self) -> int:
@@ -83,7 +98,10 @@ class RetrievalEvalDataset(Dataset):
         try:
             image = load_rgb(path)
         except BadSampleError as err:
-            raise BadSampleError(err.reason, f"{path}: {err.message}") from err
+            raise InputFileError(
+                f"{self.json_file}: entry {index}: image {path}: {err.message} ({err.reason}); evaluation needs every "
+                "image: fix or remove the entry"
+            ) from err
         text_index = self.image_text_index[index]
         return {
             "image": self.transform(image),
@@ -91,6 +109,18 @@ class RetrievalEvalDataset(Dataset):
             "captions": [self.captions[t] for t in text_index],
             "text_index": text_index,
         }
+
+
+def _describe(entry: Any, key: str) -> str:
+    """What an entry holds under ``key``, briefly, for error messages."""
+    if not isinstance(entry, dict):
+        return f"a JSON {json_kind(entry)} instead of an object"
+    if key not in entry:
+        return f"no {key!r} key"
+    value = entry[key]
+    if isinstance(value, list) and not value:
+        return "an empty list"
+    return f"a JSON {json_kind(value)} {json.dumps(value)[:60]}"
 
 
 class RetrievalCollate:

@@ -41,8 +41,8 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
 # Consecutive unreadable shards (no batch in between) after which a stream gives up instead of spinning forever.
 _MAX_SHARD_ERRORS_PER_BATCH = 1000
-#: Batch entry ``(role, records read, batches made)``: where the producing stream stood after this batch. The data
-#: module pops it before the batch reaches the model and keeps the latest per role, to resume mid-epoch.
+#: Batch entry ``(role, records read, batches made, epoch)``: where the producing stream stood after this batch. The
+#: data module pops it before the batch reaches the model and keeps the latest per role, to resume mid-epoch.
 POSITION_KEY = "stream_position"
 
 
@@ -273,7 +273,7 @@ class ShardStream(IterableDataset):
             share, extra = divmod(self.batches_per_epoch, num_workers)
             batches = itertools.islice(batches, max(0, share + (1 if role < extra else 0) - batches_done))
         for made, batch in enumerate(batches, start=batches_done + 1):
-            batch[POSITION_KEY] = (role, cursor.position, made)
+            batch[POSITION_KEY] = (role, cursor.position, made, epoch)
             yield batch
 
     def _source_samples(
@@ -336,8 +336,14 @@ class ShardLoader(DataLoader):
     next_epoch = 0
 
     def __iter__(self) -> Any:
-        self.dataset.set_epoch(self.next_epoch)  # type: ignore[attr-defined]
+        epoch = self.next_epoch
+        self.dataset.set_epoch(epoch)  # type: ignore[attr-defined]
         self.next_epoch += 1
+        # Starting an iterator draws the workers' base seed. From the loader's own generator, seeded per epoch, it
+        # leaves the global generator alone (a resumed run restores that one from the checkpoint) and is the same
+        # for an epoch however the run got there.
+        if self.generator is not None:
+            self.generator.manual_seed(stable_seed(self.dataset.seed, "loader", epoch))  # type: ignore[attr-defined]
         return super().__iter__()
 
     # The position inside an epoch is checkpointed by ShardDataModule (it sees which batches reached the model,
@@ -406,6 +412,8 @@ class ShardDataModule(PretrainDataModule):
         self.samples_per_epoch = samples_per_epoch
         self._position: _StreamPosition | None = None  # this process's place in the current epoch
         self._loaded_position: dict[str, Any] | None = None  # from a checkpoint, until the train loader is built
+        self._train_loader_built = False
+        self._epoch_mismatch_warned = False
 
     @property
     def data_source(self) -> str:
@@ -445,12 +453,18 @@ class ShardDataModule(PretrainDataModule):
             batches_per_epoch=batches,
             guard=self.build_skip_guard(),
         )
-        loader = ShardLoader(stream, batch_size=None, **self.loader_kwargs())
-        loader.next_epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        stream.resume = self._resume_point(loader.next_epoch, rank, world_size)
+        loader = ShardLoader(stream, batch_size=None, generator=torch.Generator(), **self.loader_kwargs())
+        saved, self._loaded_position = self._loaded_position, None
+        loader.next_epoch = self._starting_epoch(saved)
+        stream.resume = self._resume_point(saved, loader.next_epoch, rank, world_size)
+        self._train_loader_built = True
         return loader
 
     # -- mid-epoch resumption ----------------------------------------------------------------------------------
+    # Lightning builds (and starts iterating) the training loader before it restores the loops of a checkpoint
+    # whenever the recipe asks for ``trainer.estimated_stepping_batches`` in ``configure_optimizers``, and then keeps
+    # that loader. ``trainer.current_epoch`` still reads 0 at that moment, so the checkpoint itself records the epoch
+    # a resumed run trains in (``next_epoch``) and the loader is built for that epoch, whenever it is built.
     @property
     def _roles(self) -> int:
         return max(1, self.num_workers)
@@ -458,31 +472,57 @@ class ShardDataModule(PretrainDataModule):
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Record where the stream stands after each training batch that reaches the model."""
         if isinstance(batch, dict) and POSITION_KEY in batch:
-            role, records, made = batch.pop(POSITION_KEY)
-            epoch = self.trainer.current_epoch if self.trainer is not None else 0
+            role, records, made, stream_epoch = batch.pop(POSITION_KEY)
+            epoch = self.trainer.current_epoch if self.trainer is not None else int(stream_epoch)
+            if int(stream_epoch) != epoch and not self._epoch_mismatch_warned:
+                self._epoch_mismatch_warned = True
+                rank_zero_warn(
+                    f"the training data stream reads epoch {int(stream_epoch)} while the trainer is in epoch {epoch}: "
+                    "the data order differs from an uninterrupted run (please report this with your Lightning version)"
+                )
             if self._position is None or self._position.epoch != epoch:
                 self._position = _StreamPosition(epoch, [[0, 0] for _ in range(self._roles)])
             self._position.roles[role] = [int(records), int(made)]
             self._position.last_role = int(role)
         return batch
 
+    def _epoch_finished(self) -> bool:
+        """Whether the trainer has taken the last batch of its current epoch (a checkpoint then resumes the next).
+
+        This is Lightning's own test (``batch_progress.is_last_batch``, set from the data fetcher, which looks one
+        batch ahead; ``limit_train_batches`` included).
+        """
+        fit_loop = getattr(self.trainer, "fit_loop", None)
+        progress = getattr(getattr(fit_loop, "epoch_loop", None), "batch_progress", None)
+        return bool(getattr(progress, "is_last_batch", False))
+
     def state_dict(self) -> dict[str, Any]:
-        """The epoch and, per process and per worker role, the records and batches consumed in it (checkpointed)."""
-        position = self._position
-        if position is None or position.last_role is None:
+        """The epoch a resumed run trains in and, when that is the current epoch, the records and batches consumed in
+        it per process and per worker role (checkpointed)."""
+        if self.trainer is None:
             return {}
+        epoch = self.trainer.current_epoch
+        position = self._position
+        rows: list[list[int]] | None = None
         rank, world_size = self.process_group()
-        flat = [position.last_role, *itertools.chain.from_iterable(position.roles)]
-        if world_size > 1 and self.trainer is not None:  # every rank saves; each read its own records
-            strategy = self.trainer.strategy
-            local = torch.tensor(flat, dtype=torch.long, device=strategy.root_device)
-            rows = strategy.all_gather(local).reshape(world_size, -1).tolist()
-        else:
-            rows = [flat]
+        if position is not None and position.last_role is not None:  # the same on every rank: batches in lockstep
+            flat = [position.last_role, *itertools.chain.from_iterable(position.roles)]
+            if world_size > 1:  # every rank saves; each read its own records
+                strategy = self.trainer.strategy
+                local = torch.tensor(flat, dtype=torch.long, device=strategy.root_device)
+                rows = strategy.all_gather(local).reshape(world_size, -1).tolist()
+            else:
+                rows = [flat]
+        in_epoch = position is not None and position.epoch == epoch
+        if in_epoch and self._epoch_finished():
+            return {"shard_stream": {"next_epoch": epoch + 1}}
+        if not in_epoch or rows is None:
+            return {"shard_stream": {"next_epoch": epoch}}  # no batch of this epoch yet: it starts afresh
         ranks = [{"last_role": row[0], "roles": [row[i : i + 2] for i in range(1, len(row), 2)]} for row in rows]
         return {
             "shard_stream": {
-                "epoch": position.epoch,
+                "next_epoch": epoch,
+                "epoch": epoch,
                 "world_size": world_size,
                 "num_workers": self._roles,
                 "ranks": ranks,
@@ -491,12 +531,26 @@ class ShardDataModule(PretrainDataModule):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._loaded_position = state_dict.get("shard_stream")
+        if self._loaded_position is not None and self._train_loader_built:
+            rank_zero_warn(
+                "the checkpoint's data position arrived after the training loader was built (a strategy that "
+                "restores checkpoints after setup): the resumed epoch restarts from its beginning, so some of its "
+                "samples are seen twice"
+            )
 
-    def _resume_point(self, epoch: int, rank: int, world_size: int) -> dict[str, Any] | None:
+    def _starting_epoch(self, saved: dict[str, Any] | None) -> int:
+        """The epoch the training loader starts with: the checkpoint's next epoch, else (no checkpoint, or one written
+        before ``next_epoch`` existed) the trainer's epoch."""
+        if saved is not None and "next_epoch" in saved:
+            return int(saved["next_epoch"])
+        return self.trainer.current_epoch if self.trainer is not None else 0
+
+    def _resume_point(
+        self, saved: dict[str, Any] | None, epoch: int, rank: int, world_size: int
+    ) -> dict[str, Any] | None:
         """What this process's stream skips to continue the checkpointed epoch; None to start ``epoch`` afresh."""
-        saved, self._loaded_position = self._loaded_position, None
-        if saved is None or saved["epoch"] != epoch:
-            return None  # no checkpoint, or it was taken at the end of its epoch
+        if saved is None or "ranks" not in saved or saved.get("epoch") != epoch:
+            return None  # no checkpoint, or it was taken at the end of its epoch or before its first batch
         if (saved["world_size"], saved["num_workers"]) != (world_size, self._roles):
             rank_zero_warn(
                 f"the checkpoint's data position is for {saved['world_size']} process(es) x {saved['num_workers']} "

@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from vlalign.models.loading import LoadReport, read_state_dict
 from vlalign.models.stream import StreamConfig, hf_key
+from vlalign.weights.reading import LoadReport, read_state_dict
 
 
 class PredictionTransform(nn.Module):

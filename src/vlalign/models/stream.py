@@ -2,7 +2,7 @@
 
 Parameter names follow the Hugging Face BERT layout so BERT, ALBEF and SIMLA checkpoints map onto it by name.
 Attention runs on ``scaled_dot_product_attention``; only the one layer whose probabilities are requested (PSL needs
-them) computes the softmax explicitly.
+them) computes the softmax explicitly. The three roles and the ALBEF split: docs/method.md §1.2.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from vlalign.models.loading import LoadReport, read_state_dict
+from vlalign.weights.reading import LoadReport, read_state_dict
 
 Mode = Literal["text", "multimodal", "image"]
 _MODES = ("text", "multimodal", "image")

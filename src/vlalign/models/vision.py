@@ -1,6 +1,7 @@
 """ViT image encoder on timm with SIMLA's patch mask token, local checkpoint loading and position resizing.
 
 Importing this module registers two tiny ViTs with timm so that test and demo configs name them like real models.
+Patch masking and weight loading: docs/method.md §1.1.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from vlalign.models.loading import LoadReport, read_state_dict
+from vlalign.weights.reading import LoadReport, read_state_dict
 
 __all__ = ["VisionConfig", "VisionEncoder", "interpolate_pos_embed", "load_vision_weights"]
 

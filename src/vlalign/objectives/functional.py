@@ -93,7 +93,7 @@ def distilled_cross_entropy(
     """``(1−α)·CE(logits, labels) + α·mean(−Σ_v softmax(teacher)_v · log_softmax(logits)_v)`` over rows.
 
     The soft term is over the class (vocabulary) axis: the reference takes SIMLA's MLM log-softmax over the
-    sequence axis, a defect (method note §8.1.2) fixed here.
+    sequence axis, a defect (docs/differences.md row 6) fixed here.
 
     ``valid`` (bool, one entry per row) restricts both means to the rows it marks: the same value as gathering
     those rows first, without the boolean indexing that needs their count on the host (a device sync).
@@ -128,7 +128,7 @@ def keyword_targets(
     picks_per_head: int = 4,
     num_keywords: int = 5,
 ) -> Tensor:
-    """PSL hard targets: multi-hot [B, V] over the tokens [CLS] attends to most (method note §2.5).
+    """PSL hard targets: multi-hot [B, V] over the tokens [CLS] attends to most (docs/method.md §2.5).
 
     ``cls_attention`` is [B, heads, L]: the [CLS] query row of one layer's self-attention probabilities. Each head
     votes for its ``picks_per_head`` most attended positions (padding excluded); the ``num_keywords`` positions with

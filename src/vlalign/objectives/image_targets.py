@@ -17,10 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vlalign.objectives.base import Configurable
+
 LOGIT_LAPLACE_EPS = 0.1  # DALL-E's map_pixels: x -> (1 - 2·eps)·x + eps
 
 
-class ImageTargets(nn.Module, abc.ABC):
+class ImageTargets(Configurable, nn.Module, abc.ABC):
     """Base class. ``num_classes`` > 0: targets are code ids [B, N]; 0: regression targets [B, N, target_dim]."""
 
     num_classes: int = 0
@@ -92,9 +94,9 @@ class PixelTargets(ImageTargets):
 class DVAETargets(ImageTargets):
     """DALL-E dVAE code ids of the tokenizer view (same crop and flip as the ViT view, at half resolution).
 
-    The reference draws the tokenizer view with its own random crop, flip and RandAugment (method note §8.1.1), so
-    its code at patch p does not describe what the ViT sees at p; vlalign's data pipeline derives both views from
-    one augmented crop, so targets line up with the masked patches.
+    The reference draws the tokenizer view with its own random crop, flip and RandAugment (docs/differences.md
+    row 7), so its code at patch p does not describe what the ViT sees at p; vlalign's data pipeline derives both
+    views from one augmented crop, so targets line up with the masked patches (docs/method.md §2.4, §4.2).
 
     Args:
         weights: safetensors file written by ``vlalign convert dvae --pickle encoder.pkl --out dvae.safetensors``.
@@ -140,19 +142,25 @@ DVAE_CONFIG_KEYS = ("n_hid", "n_blk_per_group", "input_channels", "vocab_size")
 
 def load_dvae_encoder(path: str | Path) -> nn.Module:
     """Build DALL-E's encoder from a safetensors file (config in its metadata); never unpickles."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    from safetensors import SafetensorError, safe_open
+
+    from vlalign.errors import InputFileError
+    from vlalign.weights.reading import read_safetensors
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"dVAE weights not found: {path} (convert encoder.pkl with `vlalign convert dvae`)")
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
+    state = read_safetensors(path)  # an unreadable file: an error naming it
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except SafetensorError as err:
+        raise InputFileError(f"{path}: not a readable safetensors file ({err})") from err
     if "dvae_config" not in metadata:
-        raise ValueError(f"{path} has no dvae_config metadata: write it with `vlalign convert dvae`")
+        raise InputFileError(f"{path} has no dvae_config metadata: write it with `vlalign convert dvae`")
     config = json.loads(metadata["dvae_config"])
     encoder = _dall_e_encoder_class()(**config, requires_grad=False, use_mixed_precision=False)
-    encoder.load_state_dict(load_file(str(path)))
+    encoder.load_state_dict(state)
     return encoder
 
 

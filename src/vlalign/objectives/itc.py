@@ -2,25 +2,26 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlalign.distributed import all_gather_no_grad, all_gather_with_grad, rank, world_size
-from vlalign.objectives.base import BuildSpec, Objective, ObjectiveOutput, register_objective
+from vlalign.objectives.base import BuildSpec, ConfigFacts, Objective, ObjectiveOutput, register_objective
 from vlalign.objectives.functional import contrastive_loss, distillation_targets, positive_targets
+from vlalign.utils.distributed import all_gather_no_grad, all_gather_with_grad, rank, world_size
 
 if TYPE_CHECKING:
-    from vlalign.tasks.context import StepContext
+    from vlalign.objectives.context import StepContext
 
 TEMPERATURE_RANGE = (0.001, 0.5)
 
 
 @register_objective
 class ITC(Objective):
-    """Contrast each image with every caption in the batch and the queue, and vice versa (ALBEF / SIMLA, method §2.1).
+    """Contrast each image with every caption in the batch and the queue, and vice versa (docs/method.md §2.1).
 
     Differences from the reference, on purpose:
     - the queue needs no ``queue_size % global_batch == 0``: writes wrap around the ring buffer;
@@ -50,6 +51,7 @@ class ITC(Objective):
 
     name = "itc"
     momentum_heads = ("vision_proj", "text_proj")
+    no_decay = ("temp",)
 
     def __init__(
         self,
@@ -80,7 +82,25 @@ class ITC(Objective):
         self.gather_features = gather_features
         self.gather_with_grad = gather_with_grad
         self.temp = nn.Parameter(torch.tensor(float(temperature)), requires_grad=learnable_temperature)
-        self._pending: list[tuple[Tensor, Tensor]] = []
+        self._pending: list[tuple[Tensor, Tensor]] = []  # momentum features waiting for the next optimizer step
+        self._pending_mark = 0
+
+    @classmethod
+    def config_errors(cls, settings: Mapping[str, Any], facts: ConfigFacts) -> list[str]:
+        errors = super().config_errors(settings, facts)
+        queue_size = settings.get("queue_size", 0)
+        if facts.subcommand != "fit" or not isinstance(facts.batch_size, int) or not isinstance(queue_size, int):
+            return errors  # only training writes the queue
+        written = facts.batch_size * facts.world_size * facts.accumulate_grad_batches
+        if 0 < queue_size < written:
+            errors.append(
+                f"model.itc.queue_size ({queue_size}) is smaller than the features written to it per optimizer "
+                f"step: data.batch_size ({facts.batch_size}) x {facts.world_size} process(es) x "
+                f"trainer.accumulate_grad_batches ({facts.accumulate_grad_batches}) = {written}, so the queue would "
+                f"never hold a full step of negatives. Raise model.itc.queue_size to at least {written}, lower "
+                "data.batch_size, or set model.itc.queue_size 0 to disable the queue"
+            )
+        return errors
 
     @property
     def uses_momentum(self) -> bool:
@@ -172,6 +192,13 @@ class ITC(Objective):
         return ObjectiveOutput(loss=loss, logs={"temperature": self.temp.detach()}, publish=publish)
 
     # -- queue --------------------------------------------------------------------------------------------------
+    def begin_step(self) -> None:
+        self._pending_mark = len(self._pending)
+
+    def rollback_step(self) -> None:
+        """A skipped micro-batch's features never reach the queue."""
+        del self._pending[self._pending_mark :]
+
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
         """Write the features of every micro-batch since the last optimizer step into the ring buffers."""

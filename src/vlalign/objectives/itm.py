@@ -2,23 +2,24 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlalign.distributed import all_gather_no_grad, all_gather_with_grad, rank, world_size
 from vlalign.objectives.base import BuildSpec, Objective, ObjectiveOutput, register_objective
 from vlalign.objectives.functional import sample_hard_negatives
+from vlalign.utils.distributed import all_gather_no_grad, all_gather_with_grad, rank, world_size
 
 if TYPE_CHECKING:
-    from vlalign.tasks.context import StepContext
+    from vlalign.objectives.context import StepContext
 
 
 @register_objective
 class ITM(Objective):
-    """Binary matched / not-matched classification on the fused [CLS] state (method §2.2).
+    """Binary matched / not-matched classification on the fused [CLS] state (docs/method.md §2.2).
 
     For every caption one negative image and for every image one negative caption are drawn with probability
     ``softmax`` of ITC's similarities (positive excluded), all rows at once on the device; the positive and both
@@ -29,7 +30,7 @@ class ITM(Objective):
     like the contrastive candidates under ``itc.gather_features`` (which it needs for hard negatives on several
     processes): image tokens are gathered with gradients flowing back to the rank that owns them, captions (ids,
     masks, text states) are gathered padded to the longest. The drawn global indices are published as
-    ``negative_image`` / ``negative_text``. The reference draws from the local batch only (method note §8.2.1).
+    ``negative_image`` / ``negative_text``. The reference draws from the local batch only (docs/differences.md row 1).
 
     Args:
         weight: weight of this loss in the total.
@@ -39,6 +40,7 @@ class ITM(Objective):
     """
 
     name = "itm"
+    requires = ("itc",)
 
     def __init__(
         self, weight: float = 1.0, negatives: Literal["hard", "random"] = "hard", global_negatives: bool = False
@@ -49,9 +51,13 @@ class ITM(Objective):
         self.negatives = negatives
         self.global_negatives = global_negatives
 
-    @property
-    def requires(self) -> tuple[str, ...]:  # type: ignore[override]
-        return ("itc",) if self.negatives == "hard" else ()
+    @classmethod
+    def required_for(cls, settings: Mapping[str, Any]) -> tuple[str, ...]:
+        return cls.requires if settings.get("negatives", "hard") == "hard" else ()
+
+    @classmethod
+    def requirement_hint(cls, required: str) -> str:
+        return ", or let model.itm draw random negatives (--model.itm.negatives random)" if required == "itc" else ""
 
     def build(self, spec: BuildSpec) -> None:
         self.itm_head = nn.Linear(spec.text_width, 2)

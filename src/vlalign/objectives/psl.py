@@ -12,12 +12,12 @@ from vlalign.objectives.base import BuildSpec, Objective, ObjectiveOutput, regis
 from vlalign.objectives.functional import keyword_loss, keyword_targets
 
 if TYPE_CHECKING:
-    from vlalign.tasks.context import StepContext
+    from vlalign.objectives.context import StepContext
 
 
 @register_objective
 class PSL(Objective):
-    """Predict a caption's keywords from the image embedding alone (method note §2.5).
+    """Predict a caption's keywords from the image embedding alone (docs/method.md §2.5).
 
     Keywords are the caption tokens the momentum multimodal encoder's [CLS] attends to most in one layer
     (``attention_layer``): each head votes for its ``picks_per_head`` most attended positions and the
@@ -42,6 +42,8 @@ class PSL(Objective):
     """
 
     name = "psl"
+    reads = ("itc",)  # the concept head reads ITC's image embedding when ITC is enabled
+    trains_encoders = frozenset({"vision"})  # keywords come from the momentum stream; the image side learns
 
     def __init__(
         self,
@@ -87,11 +89,14 @@ class PSL(Objective):
         return F.normalize(proj(tokens[:, 0]).float(), dim=-1)
 
     def forward(self, ctx: StepContext) -> ObjectiveOutput:
+        # Outside no_grad: the context caches the image tokens on first use, and the student's path (own projection,
+        # without ITC) must keep their graph.
+        image_tokens = ctx.image_tokens
         with torch.no_grad():
             fused = ctx.fuse(
                 ctx.input_ids,
                 ctx.attention_mask,
-                ctx.image_tokens.detach(),
+                image_tokens.detach(),
                 momentum=True,
                 attention_probs_layer=self.attention_layer,
             )

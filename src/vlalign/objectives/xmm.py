@@ -7,7 +7,8 @@ Both sides distil from the momentum model's predictions, mixed by the recipe's s
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -18,18 +19,18 @@ from vlalign.objectives.functional import distilled_cross_entropy, mask_tokens
 from vlalign.objectives.image_targets import ImageTargets, PixelTargets
 
 if TYPE_CHECKING:
-    from vlalign.tasks.context import StepContext
+    from vlalign.objectives.context import StepContext
 
 
 @register_objective
 class XMM(Objective):
-    """Masked reconstruction on both modalities (method note §2.3–2.4).
+    """Masked reconstruction on both modalities (docs/method.md §2.3–2.4).
 
     Deliberate differences from the reference:
     - the text side's distillation log-softmax is over the vocabulary (the reference's is over the sequence axis,
-      §8.1.2);
+      docs/differences.md row 6);
     - the image side's teacher cross-attends to the *momentum* word embeddings (the reference mixes in the online
-      ones, §8.1.4), so the whole teacher is the EMA model;
+      ones, docs/differences.md row 8), so the whole teacher is the EMA model;
     - on the CPU only masked positions go through the prediction heads; on an accelerator (``sync_free``) the
       heads run over every position and the losses average over the masked ones with weights: the same loss
       without boolean indexing, whose output size (the count of masked positions) costs a host-device sync,
@@ -74,10 +75,11 @@ class XMM(Objective):
         self.protect_cls = protect_cls
         self.distill = distill
         self.image_targets = (image_targets or PixelTargets()) if image else None
+        self.momentum_heads = tuple(head for head, on in (("mlm_head", text), ("mim_head", image)) if on)
 
-    @property
-    def needs_masked_images(self) -> bool:
-        return self.image
+    @classmethod
+    def masks_images_for(cls, settings: Mapping[str, Any]) -> bool:
+        return bool(settings.get("image", True))
 
     def momentum_encoders(self) -> frozenset[str]:
         return frozenset({"vision", "stream"}) if self.distill else frozenset()
@@ -96,20 +98,8 @@ class XMM(Objective):
                 )
             self.image_targets.setup(spec.patch_size, spec.patch_grid)
             self.mim_head = nn.Linear(spec.text_width, self.image_targets.output_dim)
-        if spec.momentum and spec.stream_m is not None:
-            if self.text:  # the teacher's decoder is tied to the momentum word embeddings, like the student's
-                self.mlm_head_m = MaskedLMHead(spec.stream_m.config, spec.stream_m.embeddings.word_embeddings)
-                self.mlm_head_m.load_state_dict(self.mlm_head.state_dict())
-                self.mlm_head_m.requires_grad_(False)
-            if self.image:
-                self.mim_head_m = nn.Linear(spec.text_width, self.image_targets.output_dim)
-                self.mim_head_m.load_state_dict(self.mim_head.state_dict())
-                self.mim_head_m.requires_grad_(False)
-
-    def momentum_pairs(self):
-        for head in ("mlm_head", "mim_head"):
-            if hasattr(self, f"{head}_m"):
-                yield getattr(self, head), getattr(self, f"{head}_m")
+        # Twins: the teacher's MLM decoder is tied to the momentum word embeddings, like the student's to the online.
+        super().build(spec)
 
     def forward(self, ctx: StepContext) -> ObjectiveOutput:
         logs: dict[str, Tensor] = {}
@@ -150,17 +140,12 @@ class XMM(Objective):
         picked = ctx.patch_mask  # [B, N]
         dense = self._dense(picked)
         targets = _rows(self.image_targets.targets(ctx.batch), picked, dense)
-        stream = ctx.recipe.stream
-        text_embeds = stream.embed_ids(ctx.input_ids)
-        hidden = stream.encode_image_side(ctx.masked_image_tokens, text_embeds, ctx.attention_mask).last_hidden_state
+        hidden = ctx.image_side(ctx.masked_image_tokens)
         prediction = self.mim_head(_rows(hidden[:, 1:], picked, dense))
         teacher = None
         if self.distill and ctx.alpha > 0:
             with torch.no_grad():
-                stream_m = ctx.recipe.momentum_encoder("stream")
-                hidden_m = stream_m.encode_image_side(
-                    ctx.masked_image_tokens_m, stream_m.embed_ids(ctx.input_ids), ctx.attention_mask
-                ).last_hidden_state
+                hidden_m = ctx.image_side(ctx.masked_image_tokens_m, momentum=True)
                 teacher = self.mim_head_m(_rows(hidden_m[:, 1:], picked, dense))
         valid = picked.flatten() if dense else None
         return self.image_targets.loss(prediction, targets, teacher, ctx.alpha, valid=valid)

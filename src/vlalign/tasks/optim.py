@@ -1,14 +1,16 @@
 """AdamW with decay-aware parameter groups and a per-step linear warm-up + cosine schedule.
 
-Deliberate differences from the reference (method note §3.5, §8.2.7–8): the temperature, position embeddings, class
-and mask tokens are not weight-decayed, and the learning rate follows the schedule every step instead of being
-piecewise constant per epoch with "warm-up epochs" that are really hundreds of iterations.
+What it computes: docs/method.md §3.1–3.2. Deliberate differences from the reference (docs/differences.md rows
+15–16): the temperature, position embeddings, class and mask tokens are not weight-decayed, and the learning rate
+follows the schedule every step instead of being piecewise constant per epoch with "warm-up epochs" that are
+really hundreds of iterations.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +18,9 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-NO_DECAY_NAMES = ("temp", "pos_embed", "cls_token", "mask_token", "position_embeddings")
+#: Encoder tensors that are never decayed (position tables and learned tokens); objectives declare their own
+#: exemptions through :meth:`~vlalign.objectives.base.Objective.no_weight_decay`.
+NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token", "position_embeddings")
 
 
 @dataclass
@@ -40,12 +44,15 @@ class OptimConfig:
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices; skip biases, norms, 0-D/1-D tensors and embedding-like tokens. Frozen parameters are left out."""
+    """Decay matrices; skip biases, norms, 0-D/1-D tensors, embedding-like tokens and the full parameter names the
+    model's ``no_weight_decay()`` returns (timm's convention; the recipe collects its objectives' declarations).
+    Frozen parameters are left out."""
+    exempt: Collection[str] = model.no_weight_decay() if callable(getattr(model, "no_weight_decay", None)) else ()
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        skip = param.ndim <= 1 or name.endswith(".bias") or any(key in name for key in NO_DECAY_NAMES)
+        skip = param.ndim <= 1 or name.endswith(".bias") or name in exempt or any(key in name for key in NO_DECAY_NAMES)
         (no_decay if skip else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 

@@ -1,45 +1,80 @@
-"""The pretraining LightningModule: encoders, a momentum twin when needed, and one typed slot per objective."""
+"""The pretraining LightningModule: a :class:`~vlalign.models.backbone.Backbone` and one typed slot per objective.
+
+The recipe runs the objectives in the order their ``requires`` give, sums their weighted losses, keeps the EMA twins
+and queues in step with real optimizer updates, and reports zero-shot retrieval at validation. Everything it needs
+from an objective is a declared method of :class:`~vlalign.objectives.base.Objective`.
+"""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
+import inspect
 import logging
 from collections import defaultdict
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-import torch.distributed as dist
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from vlalign.callbacks import RNG_STATE_KEY, NonFiniteGuard, capture_rng_states, restore_rng_states
-from vlalign.checkpoints import allow_config_classes_in_checkpoints, load_init_weights
-from vlalign.distributed import all_gather_variable
-from vlalign.metrics import retrieval_recalls
+from vlalign.data.preprocessing import Preprocessing, preprocessing_of
+from vlalign.data.tokenization import VocabInfo
+from vlalign.errors import ConfigError, InputFileError
+from vlalign.evaluation.metrics import retrieval_recalls
+from vlalign.models.backbone import Backbone
 from vlalign.models.heads import load_hf_mlm_head
-from vlalign.models.stream import SingleStreamTransformer, StreamConfig, load_hf_bert
-from vlalign.models.vision import VisionConfig, VisionEncoder
-from vlalign.objectives.base import BuildSpec, Objective, ema_update
+from vlalign.models.stream import StreamConfig
+from vlalign.models.vision import VisionConfig
+from vlalign.objectives.base import (
+    OBJECTIVES,
+    BuildSpec,
+    Objective,
+    builtin_objectives,
+    ema_update,
+    execution_order,
+    from_config,
+)
+from vlalign.objectives.context import StepContext
 from vlalign.objectives.itc import ITC
 from vlalign.objectives.itm import ITM
 from vlalign.objectives.psl import PSL
 from vlalign.objectives.xmm import XMM
-from vlalign.tasks.context import StepContext
 from vlalign.tasks.optim import OptimConfig, build_optimizer
-from vlalign.tokenization import VocabInfo
+from vlalign.training.fault_tolerance import (
+    NONFINITE_STATE_KEY,
+    RNG_STATE_KEY,
+    NonFiniteGuard,
+    capture_rng_states,
+    prepare_checkpointing,
+    restore_rng_states,
+)
+from vlalign.utils.distributed import all_gather_variable
+from vlalign.weights.reading import torch_load_weights_only
+from vlalign.weights.safe_loading import (
+    DEFAULT_INIT_MIN_MATCH,
+    allow_config_classes_in_checkpoints,
+    load_init_weights,
+)
 
 log = logging.getLogger(__name__)
 allow_config_classes_in_checkpoints()
 
-OBJECTIVE_SLOTS = ("itc", "itm", "xmm", "psl")  # execution order: ITC publishes what ITM and PSL read
+#: The recipe's typed objective slots: the built-in registered objectives, in registry order (a test checks that
+#: ``__init__`` has exactly these slots).
+OBJECTIVE_SLOTS: tuple[str, ...] = builtin_objectives()
+#: Key under which a checkpoint records how to rebuild its model (see :meth:`PretrainRecipe.model_spec`).
+SPEC_KEY = "vlalign_model"
+SPEC_FORMAT = 1
 
 
 class PretrainRecipe(L.LightningModule):
     """Vision-language pretraining with pluggable objectives (SIMLA, ALBEF, CLIP-style recipes).
 
-    Each objective has its own optional slot; ``null`` disables it and removes every forward pass only it needed.
+    Each built-in objective has its own optional slot; ``null`` disables it and removes every forward pass only it
+    needed. Objectives from outside vlalign go into ``extra_objectives`` (a list: an overlay file replaces it whole).
+    The method and every key: docs/method.md.
 
     Args:
         vision: the timm ViT and its optional local weights.
@@ -50,15 +85,23 @@ class PretrainRecipe(L.LightningModule):
         itm: image-text matching objective (needs ``itc`` for hard negatives).
         xmm: cross-modal masked reconstruction, text side and image side.
         psl: pseudo-keyword prediction (needs ``itc``).
+        extra_objectives: further registered objectives (third-party plug-ins), run in ``requires`` order.
         momentum: EMA coefficient of the momentum twin.
         alpha: distillation weight shared by every distillation term.
         alpha_warmup_steps: ``alpha`` ramps linearly from 0 over this many optimizer steps (reference: one epoch).
         optim: optimiser and learning-rate schedule.
-        init_from: a vlalign checkpoint (or converted reference checkpoint) to start from; not a resume.
+        init_from: a vlalign checkpoint, exported model folder or converted reference checkpoint to start from;
+            not a resume (that is ``--ckpt_path``).
+        init_min_match: ``init_from`` fails unless at least this fraction (0-1) of the model's online
+            (non-momentum) tensors, in the parts the file provides (``backbone.vision``, ``backbone.stream``,
+            ``itc`` ...), is in the file with the model's shapes; 0 accepts any file. See
+            :func:`~vlalign.weights.safe_loading.load_init_weights`.
         compile_encoders: ``torch.compile`` the forwards of the ViT and the stream (and their momentum twins) in
             ``configure_model``; parameter names and checkpoints are unchanged.
         max_consecutive_nonfinite: steps with a NaN / infinite total loss are skipped (no update, counted in
-            ``train/nonfinite_steps``); this many in a row stop the run with ``nonfinite-stop.ckpt``.
+            ``train/nonfinite_steps``); this many in a row stop the run with ``nonfinite-stop.ckpt``. Checkpoints
+            saved during such a streak, or holding non-finite weights, are not written: ``last.ckpt`` keeps the
+            last good state (:class:`~vlalign.training.fault_tolerance.GoodCheckpoints`).
     """
 
     def __init__(
@@ -71,115 +114,175 @@ class PretrainRecipe(L.LightningModule):
         itm: ITM | None = None,
         xmm: XMM | None = None,
         psl: PSL | None = None,
+        extra_objectives: list[Objective] | None = None,
         momentum: float = 0.995,
         alpha: float = 0.4,
         alpha_warmup_steps: int = 0,
         optim: OptimConfig = OptimConfig(),
         init_from: str | None = None,
+        init_min_match: float = DEFAULT_INIT_MIN_MATCH,
         compile_encoders: bool = False,
         max_consecutive_nonfinite: int = 10,
     ) -> None:
         super().__init__()
         if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"model.momentum must be in [0, 1), got {momentum}")
+            raise ConfigError(f"model.momentum must be in [0, 1), got {momentum}")
         if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"model.alpha must be in [0, 1], got {alpha}")
-        self.save_hyperparameters(ignore=list(OBJECTIVE_SLOTS))
-        if vocab is not None:
+            raise ConfigError(f"model.alpha must be in [0, 1], got {alpha}")
+        if not 0.0 <= init_min_match <= 1.0:
+            raise ConfigError(
+                f"model.init_min_match must be in [0, 1] (the fraction of the model's tensors model.init_from must "
+                f"provide; 0 accepts any file), got {init_min_match}"
+            )
+        if vocab is not None:  # one vocabulary size: the tokenizer's
             stream = dataclasses.replace(stream, vocab_size=vocab.vocab_size, pad_token_id=vocab.pad_token_id)
         self.vocab = vocab or VocabInfo(vocab_size=stream.vocab_size, pad_token_id=stream.pad_token_id)
+        self.save_hyperparameters(ignore=[*OBJECTIVE_SLOTS, "extra_objectives"])
+        self.hparams["stream"] = stream
+        self.hparams["vocab"] = self.vocab
         self.momentum = momentum
         self.alpha = alpha
         self.alpha_warmup_steps = alpha_warmup_steps
         self.optim = optim
         self.compile_encoders = compile_encoders
 
-        self.vision = VisionEncoder(vision)
-        self.stream = SingleStreamTransformer(stream)
-        if text_weights:
-            log.info("stream weights from %s: %s", text_weights, load_hf_bert(self.stream, text_weights))
+        given = [o for o in (itc, itm, xmm, psl) if o is not None]
+        for slot, objective in zip(OBJECTIVE_SLOTS, (itc, itm, xmm, psl), strict=True):
+            if objective is not None and objective.name != slot:
+                raise ValueError(f"model.{slot} holds a {type(objective).__name__} (objective {objective.name!r})")
+        for objective in extra_objectives or []:
+            if OBJECTIVES.get(objective.name) is not type(objective):
+                raise ValueError(
+                    f"model.extra_objectives: {type(objective).__qualname__} is not registered under its name "
+                    f"{objective.name!r}: decorate it with @register_objective"
+                )
+            if objective.name in OBJECTIVE_SLOTS or hasattr(self, objective.name):
+                raise ValueError(f"model.extra_objectives: the name {objective.name!r} is taken; rename the objective")
+        given += list(extra_objectives or [])
+        if not given:
+            raise ValueError(
+                f"no objective enabled: set at least one of {', '.join('model.' + s for s in OBJECTIVE_SLOTS)}"
+            )
+        ordered = execution_order(given)  # checks requires; raises naming the config keys
+        self._order = [o.name for o in ordered]
+        for slot in OBJECTIVE_SLOTS:
+            setattr(self, slot, None)
+        for objective in ordered:
+            setattr(self, objective.name, objective)
 
-        self.itc, self.itm, self.xmm, self.psl = itc, itm, xmm, psl
-        self._check_requirements()
-        # Momentum twins exist only for the encoders an enabled objective reads; created before the objectives'
-        # heads so that a head tied to the word embeddings can tie its own twin to the momentum stream.
-        needed = frozenset().union(*(o.momentum_encoders() for o in self.objectives))
-        self.vision_m = self._twin(self.vision) if "vision" in needed else None
-        self.stream_m = self._twin(self.stream) if "stream" in needed else None
-        spec = BuildSpec(
-            vision_width=self.vision.width,
-            text_width=stream.hidden_size,
-            vocab=self.vocab,
-            patch_grid=self.vision.grid_size,
-            patch_size=self.vision.patch_size,
-            momentum=False,
-            stream=self.stream,
-            stream_m=self.stream_m,
-            embed_dim=itc.embed_dim if itc is not None else None,
-        )
-        for objective in self.objectives:
-            objective.build(dataclasses.replace(spec, momentum=bool(objective.momentum_encoders())))
+        # Momentum twins exist only for the encoders an enabled objective reads.
+        needed = frozenset().union(*(o.momentum_encoders() for o in ordered))
+        self.backbone = Backbone(vision, stream, needed, text_weights)
+        for objective in ordered:
+            objective.build(self.build_spec(momentum=bool(objective.momentum_encoders())))
         if text_weights and xmm is not None and xmm.text:
             log.info("MLM head from %s: %s", text_weights, load_hf_mlm_head(xmm.mlm_head, text_weights))
-            if hasattr(xmm, "mlm_head_m"):
-                xmm.mlm_head_m.load_state_dict(xmm.mlm_head.state_dict())
+            xmm.reset_twins()
         if init_from:
-            load_init_weights(self, init_from)
-        self._skipped: dict[str, int] = defaultdict(int)
+            load_init_weights(self, init_from, min_match=init_min_match)
         self._nonfinite = NonFiniteGuard(max_consecutive_nonfinite)
         self._update_pending = False  # a finite micro-batch since the last optimizer step: EMA / queues follow it
         self._rng_to_restore: dict[str, Any] | None = None
         self._eval_store: dict[str, list[Tensor]] = defaultdict(list)
+        self.preprocessing: Preprocessing | None = None  # from the data module at setup, or from a checkpoint
 
     # -- structure -------------------------------------------------------------------------------------------------
+    def build_spec(self, momentum: bool) -> BuildSpec:
+        """What an objective's :meth:`~vlalign.objectives.base.Objective.build` sees of the encoders."""
+        itc = getattr(self, "itc", None)
+        backbone = self.backbone
+        return BuildSpec(
+            vision_width=backbone.vision_width,
+            text_width=backbone.text_width,
+            vocab=self.vocab,
+            patch_grid=backbone.vision.grid_size,
+            patch_size=backbone.vision.patch_size,
+            momentum=momentum,
+            stream=backbone.stream,
+            stream_m=backbone.stream_m,
+            embed_dim=itc.embed_dim if itc is not None else None,
+            twin_map=backbone.twin_map() if momentum else {},
+        )
+
     @property
     def objectives(self) -> list[Objective]:
-        """Enabled objectives in execution order (ITC first: others read what it publishes)."""
-        return [o for o in (getattr(self, slot) for slot in OBJECTIVE_SLOTS) if o is not None]
+        """Enabled objectives in execution order (each after the ones it requires)."""
+        return [getattr(self, name) for name in self._order]
 
     @property
     def needs_masked_images(self) -> bool:
-        return any(getattr(o, "needs_masked_images", False) for o in self.objectives)
-
-    def _check_requirements(self) -> None:
-        if not self.objectives:
-            raise ValueError(
-                f"no objective enabled: set at least one of {', '.join('model.' + s for s in OBJECTIVE_SLOTS)}"
-            )
-        enabled = {o.name for o in self.objectives}
-        for objective in self.objectives:
-            for required in objective.requires:
-                if required not in enabled:
-                    raise ValueError(
-                        f"model.{objective.name} requires model.{required}, which is disabled: "
-                        f"enable model.{required} or set model.{objective.name}: null"
-                    )
-
-    @staticmethod
-    def _twin(module: nn.Module) -> nn.Module:
-        twin = copy.deepcopy(module)
-        twin.requires_grad_(False)
-        return twin
-
-    def train(self, mode: bool = True) -> PretrainRecipe:
-        """Momentum twins stay in eval mode: the teacher runs without dropout (the reference's does not, §8.2.9)."""
-        super().train(mode)
-        for twin in (self.vision_m, self.stream_m):
-            if twin is not None:
-                twin.eval()
-        return self
-
-    def momentum_encoder(self, name: str) -> nn.Module:
-        twin = getattr(self, f"{name}_m")
-        if twin is None:
-            raise RuntimeError(f"no momentum {name} encoder: no enabled objective declared it in momentum_encoders()")
-        return twin
+        return any(o.needs_masked_images for o in self.objectives)
 
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        pairs = [(m, t) for m, t in ((self.vision, self.vision_m), (self.stream, self.stream_m)) if t is not None]
+        pairs = list(self.backbone.momentum_pairs())
         for objective in self.objectives:
             pairs.extend(objective.momentum_pairs())
         return pairs
+
+    def no_weight_decay(self) -> set[str]:
+        """Full names of the parameters the objectives exempt from weight decay (the optimiser groups read it)."""
+        return {f"{o.name}.{name}" for o in self.objectives for name in o.no_weight_decay()}
+
+    # -- self-describing checkpoints ---------------------------------------------------------------------------------
+    def model_spec(self) -> dict[str, Any]:
+        """Everything needed to rebuild this module without its config file: the recipe's settings (one vocabulary
+        size, the resolved stream config) and each objective as ``{class_path, init_args}``."""
+        accepted = inspect.signature(type(self).__init__).parameters  # LightningCLI adds private entries
+        settings = {
+            key: (dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value)
+            for key, value in self.hparams.items()
+            if key in accepted
+        }
+        settings["objectives"] = [o.config() for o in self.objectives]
+        return {
+            "format": SPEC_FORMAT,
+            "class_path": f"{type(self).__module__}.{type(self).__qualname__}",
+            "init_args": settings,
+            "preprocessing": self.preprocessing.to_dict() if self.preprocessing is not None else None,
+        }
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any], **overrides: Any) -> PretrainRecipe:
+        """Build a recipe from :meth:`model_spec` output (weights are not loaded; ``init_from`` is dropped)."""
+        if spec.get("format") != SPEC_FORMAT:
+            raise ValueError(f"unknown vlalign model spec format {spec.get('format')!r} (this version reads 1)")
+        args = dict(spec["init_args"])
+        objectives = [from_config(o) for o in args.pop("objectives")]
+        slots = {o.name: o for o in objectives if o.name in OBJECTIVE_SLOTS}
+        extras = [o for o in objectives if o.name not in OBJECTIVE_SLOTS]
+        args["vision"] = VisionConfig(**{**args["vision"], "weights": None})
+        args["stream"] = StreamConfig(**args["stream"])
+        args["vocab"] = VocabInfo(**args["vocab"]) if args.get("vocab") else None
+        args["optim"] = OptimConfig(**args["optim"])
+        args.update(text_weights=None, init_from=None)
+        args.update(overrides)
+        model = cls(**args, **slots, extra_objectives=extras or None)
+        if spec.get("preprocessing"):
+            model.preprocessing = Preprocessing.from_dict(spec["preprocessing"])
+        return model
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: str | Path, map_location: Any = None, **kwargs: Any) -> Any:  # type: ignore[override]
+        """Rebuild the recipe (objectives included) from the spec the checkpoint records, then load its weights.
+
+        Only ``weights_only=True`` loading is used; keyword arguments override recorded settings.
+        """
+        checkpoint = torch_load_weights_only(checkpoint_path, map_location=map_location or "cpu")
+        if not isinstance(checkpoint, dict) or SPEC_KEY not in checkpoint:
+            raise InputFileError(
+                f"{checkpoint_path}: no {SPEC_KEY!r} entry; it was not written by this vlalign version (a Lightning "
+                "checkpoint of PretrainRecipe is expected; for weights files use model.init_from)"
+            )
+        model = cls.from_spec(checkpoint[SPEC_KEY], **kwargs)
+        model.load_state_dict(checkpoint["state_dict"])
+        model.on_load_checkpoint(checkpoint)
+        return model
+
+    def setup(self, stage: str) -> None:
+        """Record the data module's evaluation preprocessing (tokenizer files, image size) for the checkpoints."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if self.preprocessing is None and datamodule is not None:
+            self.preprocessing = preprocessing_of(datamodule)
 
     # -- training --------------------------------------------------------------------------------------------------
     def current_alpha(self) -> float:
@@ -188,11 +291,12 @@ class PretrainRecipe(L.LightningModule):
         return self.alpha * min(1.0, self.global_step / self.alpha_warmup_steps)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
-        ctx = StepContext(self, batch, alpha=self.current_alpha())
+        ctx = StepContext(self.backbone, batch, alpha=self.current_alpha(), masked_images=self.needs_masked_images)
         total: Tensor | None = None
         batch_size = batch["input_ids"].shape[0]
         losses: dict[str, Tensor] = {}
-        self._nonfinite.begin_step(self.objectives)
+        for objective in self.objectives:
+            objective.begin_step()
         for objective in self.objectives:
             out = objective(ctx)
             losses[objective.name] = out.loss
@@ -204,15 +308,20 @@ class PretrainRecipe(L.LightningModule):
                 self.log(f"train/{objective.name}_{key}", value, batch_size=batch_size)
         self.log("train/loss", total.detach(), batch_size=batch_size)
         self.log("train/alpha", ctx.alpha, batch_size=batch_size)
-        self._count_skipped(batch.get("skipped"))
         finite = self._nonfinite.is_finite(total, self._trainer)
         if not finite:
-            self._nonfinite.skip(losses, self.objectives)
+            self._nonfinite.skip(losses)
+            for objective in self.objectives:
+                objective.rollback_step()
         else:
             self._nonfinite.finite_step()
             self._update_pending = True
         self.log("train/nonfinite_steps", float(self._nonfinite.total), batch_size=batch_size)
         return total if finite else None  # None: Lightning skips backward, the optimizer sees no gradient
+
+    def on_fit_start(self) -> None:
+        """Only good checkpoints are written from here on, and stale temp files of killed saves are removed."""
+        prepare_checkpointing(self.trainer)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._rng_to_restore is not None:  # here, not at load: nothing between load and step may draw from it
@@ -224,41 +333,14 @@ class PretrainRecipe(L.LightningModule):
             self._nonfinite.stop(self.trainer)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[SPEC_KEY] = self.model_spec()
         checkpoint[RNG_STATE_KEY] = capture_rng_states()
         checkpoint["vlalign_nonfinite_steps"] = self._nonfinite.total
+        checkpoint[NONFINITE_STATE_KEY] = self._nonfinite.checkpoint_state()  # GoodCheckpoints reads it
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._rng_to_restore = checkpoint.get(RNG_STATE_KEY)
         self._nonfinite.total = checkpoint.get("vlalign_nonfinite_steps", 0)
-
-    def _count_skipped(self, skipped: dict[str, int] | None) -> None:
-        """Bad samples the data workers dropped travel with the batches; log running totals per reason."""
-        if not skipped:
-            return
-        for reason, count in skipped.items():
-            self._skipped[reason] += int(count)
-        for reason, count in self._skipped.items():
-            self.log(f"data/skipped_{reason}", float(count), reduce_fx="sum", batch_size=1)
-
-    def on_train_epoch_end(self) -> None:
-        """One summary line per epoch on rank zero: the bad samples skipped this epoch, by reason, over all ranks."""
-        previous: dict[str, int] = getattr(self, "_skipped_at_epoch_start", {})
-        epoch = {r: n - previous.get(r, 0) for r, n in self._skipped.items() if n > previous.get(r, 0)}
-        self._skipped_at_epoch_start = dict(self._skipped)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            gathered: list[dict[str, int] | None] = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, epoch)
-            epoch = defaultdict(int)
-            for counts in gathered:
-                for reason, count in (counts or {}).items():
-                    epoch[reason] += count
-        if epoch:
-            reasons = ", ".join(
-                f"{reason}={count}" for reason, count in sorted(epoch.items(), key=lambda x: (-x[1], x[0]))
-            )
-            rank_zero_info(f"epoch {self.current_epoch}: skipped {sum(epoch.values())} bad samples ({reasons})")
-        else:
-            rank_zero_info(f"epoch {self.current_epoch}: skipped no bad samples")
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """EMA and queue updates run only after real optimizer steps (correct under gradient accumulation)."""
@@ -278,7 +360,8 @@ class PretrainRecipe(L.LightningModule):
         """Compile the encoders in place (``nn.Module.compile``) when ``compile_encoders`` is set; idempotent."""
         if not self.compile_encoders:
             return
-        for module in (self.vision, self.stream, self.vision_m, self.stream_m):
+        backbone = self.backbone
+        for module in (backbone.vision, backbone.stream, backbone.vision_m, backbone.stream_m):
             if module is not None and getattr(module, "_compiled_call_impl", None) is None:
                 module.compile()
 
@@ -301,9 +384,9 @@ class PretrainRecipe(L.LightningModule):
     def _retrieval_features(self, batch: dict[str, Any]) -> None:
         if self.itc is None:
             return
-        self._eval_store["image_feat"].append(self.itc.image_features(self.vision(batch["image"])))
+        self._eval_store["image_feat"].append(self.itc.image_features(self.backbone.vision(batch["image"])))
         self._eval_store["image_index"].append(batch["image_index"])
-        text_states = self.stream.encode_text(batch["input_ids"], batch["attention_mask"]).last_hidden_state
+        text_states = self.backbone.encode_text(batch["input_ids"], batch["attention_mask"])
         self._eval_store["text_feat"].append(self.itc.text_features(text_states, batch["attention_mask"]))
         self._eval_store["text_index"].append(batch["text_index"])
         self._eval_store["text_image_index"].append(batch["text_image_index"])

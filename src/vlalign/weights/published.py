@@ -43,7 +43,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from vlalign.checkpoints import load_state_dict_file
+from vlalign.errors import UserError
+from vlalign.weights.safe_loading import load_state_dict_file
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ _VISION = re.compile(r"^visual_encoder(?P<m>_m)?\.(?P<rest>.*)$")
 _LAYER = re.compile(r"^stream(?:_m)?\.encoder\.layer\.(\d+)\.(crossattention\.)?")
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """A conversion that would lose or misplace weights; carries the report."""
 
     def __init__(self, message: str, report: ConversionReport) -> None:
@@ -335,7 +336,11 @@ def _missing_twins(tensors: Mapping[str, Tensor]) -> list[str]:
 def _check_target(
     tensors: Mapping[str, Tensor], target: Mapping[str, Tensor] | nn.Module, report: ConversionReport
 ) -> None:
+    from vlalign.models.backbone import with_prefix
+
     own = target.state_dict() if isinstance(target, nn.Module) else target
+    if any(key.startswith("backbone.") for key in own):  # a recipe: compare in its layout
+        tensors = with_prefix(tensors)
     report.missing = [key for key in own if key not in tensors]
     report.extra = [key for key in tensors if key not in own]
     for key, value in tensors.items():
@@ -461,8 +466,8 @@ def convert_bert(
         max_position_embeddings: truncate the position table (default: the BERT config's).
         mlm_head: also write BERT's MLM head (``cls.predictions``) as ``xmm.mlm_head.*``.
     """
-    from vlalign.models.loading import read_state_dict
     from vlalign.models.stream import SingleStreamTransformer, StreamConfig, hf_key, load_hf_bert
+    from vlalign.weights.reading import read_state_dict
 
     overrides: dict[str, Any] = {"type_vocab_size": type_vocab_size}
     if max_position_embeddings is not None:

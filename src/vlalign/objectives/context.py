@@ -1,7 +1,8 @@
 """StepContext: the shared features of one training step, each computed at most once and only when asked for.
 
 Objectives read features from the context instead of running encoders themselves, so two objectives that need the
-same pass share it, and an ablation that disables an objective also removes the passes only it needed.
+same pass share it, and an ablation that disables an objective also removes the passes only it needed. The context
+sees the :class:`~vlalign.models.backbone.Backbone` and the batch, never the LightningModule.
 """
 
 from __future__ import annotations
@@ -13,24 +14,34 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
+    from vlalign.models.backbone import Backbone
     from vlalign.models.stream import StreamOutput
-    from vlalign.tasks.pretrain import PretrainRecipe
 
 
 class StepContext:
-    """Lazily computed, cached features of one batch for the online and the momentum (EMA) encoders."""
+    """Lazily computed, cached features of one batch for the online and the momentum (EMA) encoders.
 
-    def __init__(self, recipe: PretrainRecipe, batch: dict[str, Any], alpha: float) -> None:
-        self.recipe = recipe
+    Args:
+        backbone: the encoders (and their twins) the features come from.
+        batch: the collated batch (``image``, ``input_ids``, ``attention_mask``, optional ``patch_mask``,
+            ``image_ids``, image-side target inputs).
+        alpha: the distillation weight of this step (after its warm-up ramp).
+        masked_images: whether an enabled objective reads masked image tokens; the clean and masked views then go
+            through the ViT as one batch.
+    """
+
+    def __init__(self, backbone: Backbone, batch: dict[str, Any], alpha: float, masked_images: bool = False) -> None:
+        self.backbone = backbone
         self.batch = batch
         self.alpha = alpha
+        self.masked_images = masked_images
         self.input_ids: Tensor = batch["input_ids"]
         self.attention_mask: Tensor = batch["attention_mask"]
         self.published: dict[str, dict[str, Tensor]] = {}
 
     @property
     def single_stream(self) -> bool:
-        return self.recipe.stream.single_stream
+        return self.backbone.single_stream
 
     @property
     def patch_mask(self) -> Tensor:
@@ -40,23 +51,18 @@ class StepContext:
         return mask.flatten(1).bool()
 
     # -- image tokens: clean and masked views share one ViT batch when both are needed --------------------------------
-    def _vision_pass(self, encoder: torch.nn.Module) -> tuple[Tensor, Tensor | None]:
-        images = self.batch["image"]
-        if not self.recipe.needs_masked_images:
-            return encoder(images), None
-        mask = self.patch_mask
-        both = encoder(torch.cat([images, images]), torch.cat([torch.zeros_like(mask), mask]))
-        clean, masked = both.chunk(2)
-        return clean, masked
+    def _images(self, momentum: bool) -> tuple[Tensor, Tensor | None]:
+        mask = self.patch_mask if self.masked_images else None
+        return self.backbone.encode_images(self.batch["image"], mask, momentum=momentum)
 
     @cached_property
     def _online_images(self) -> tuple[Tensor, Tensor | None]:
-        return self._vision_pass(self.recipe.vision)
+        return self._images(momentum=False)
 
     @cached_property
     def _momentum_images(self) -> tuple[Tensor, Tensor | None]:
         with torch.no_grad():
-            return self._vision_pass(self.recipe.momentum_encoder("vision"))
+            return self._images(momentum=True)
 
     @property
     def image_tokens(self) -> Tensor:
@@ -68,26 +74,21 @@ class StepContext:
 
     @property
     def masked_image_tokens(self) -> Tensor:
-        masked = self._online_images[1]
-        assert masked is not None, "recipe.needs_masked_images is False but masked image tokens were requested"
-        return masked
+        return _masked(self._online_images[1])
 
     @property
     def masked_image_tokens_m(self) -> Tensor:
-        masked = self._momentum_images[1]
-        assert masked is not None, "recipe.needs_masked_images is False but masked image tokens were requested"
-        return masked
+        return _masked(self._momentum_images[1])
 
     # -- text ------------------------------------------------------------------------------------------------------
     @cached_property
     def text_states(self) -> Tensor:
-        return self.recipe.stream.encode_text(self.input_ids, self.attention_mask).last_hidden_state
+        return self.backbone.encode_text(self.input_ids, self.attention_mask)
 
     @cached_property
     def text_states_m(self) -> Tensor:
         with torch.no_grad():
-            stream_m = self.recipe.momentum_encoder("stream")
-            return stream_m.encode_text(self.input_ids, self.attention_mask).last_hidden_state
+            return self.backbone.encode_text(self.input_ids, self.attention_mask, momentum=True)
 
     @cached_property
     def same_image(self) -> Tensor | None:
@@ -108,17 +109,22 @@ class StepContext:
         momentum: bool = False,
         attention_probs_layer: int | None = None,
     ) -> StreamOutput:
-        """Text queries attending to image tokens, in whichever layout the stream has.
-
-        Under an ALBEF split, ``text_states`` (cached text-encoder outputs of these ids) skip the text layers;
-        otherwise the ids are encoded from scratch.
-        """
-        stream = self.recipe.momentum_encoder("stream") if momentum else self.recipe.stream
-        use_states = text_states is not None and not stream.single_stream
-        return stream.fuse(
+        """:meth:`Backbone.fuse <vlalign.models.backbone.Backbone.fuse>` (text queries attending to image tokens)."""
+        return self.backbone.fuse(
+            input_ids,
             attention_mask,
             image_tokens,
-            input_ids=None if use_states else input_ids,
-            text_states=text_states if use_states else None,
+            text_states=text_states,
+            momentum=momentum,
             attention_probs_layer=attention_probs_layer,
         )
+
+    def image_side(self, image_tokens: Tensor, *, momentum: bool = False) -> Tensor:
+        """:meth:`Backbone.image_side <vlalign.models.backbone.Backbone.image_side>` with this batch's caption."""
+        return self.backbone.image_side(image_tokens, self.input_ids, self.attention_mask, momentum=momentum)
+
+
+def _masked(tokens: Tensor | None) -> Tensor:
+    if tokens is None:
+        raise RuntimeError("masked image tokens were requested but no enabled objective declared needs_masked_images")
+    return tokens

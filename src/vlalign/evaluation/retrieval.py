@@ -1,6 +1,6 @@
 """Image-text retrieval scoring: ITC similarities re-ranked by the ITM head, batched over many pairs at once.
 
-The reference (method note §4.1, §8.2.12) re-ranks one query at a time: for each image it runs the fusion encoder on
+The reference (docs/method.md §5.2; docs/differences.md row 22) re-ranks one query at a time: for each image it runs the fusion encoder on
 its ``k`` best captions, then for each caption on its ``k`` best images, and crashes when ``k`` exceeds the number
 of candidates. Here every (image, caption) pair that is in the top ``k`` of either direction is scored once, in
 fusion batches of ``batch_size`` pairs drawn from many queries, and ``k`` is capped by the candidate count.
@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from vlalign.metrics import RECALL_KS, retrieval_recalls
+from vlalign.evaluation.metrics import RECALL_KS, retrieval_recalls
 
 if TYPE_CHECKING:
     from vlalign.tasks.pretrain import PretrainRecipe
@@ -50,7 +50,7 @@ def itm_pair_scores(
         chunk = chunk.to(device)
         images, texts = image_index[chunk], text_index[chunk]
         ids, mask = text_ids[texts, :length], text_mask[texts, :length]
-        fused = recipe.stream.fuse(mask, image_tokens[images], input_ids=ids)
+        fused = recipe.backbone.stream.fuse(mask, image_tokens[images], input_ids=ids)
         scores[chunk] = recipe.itm.itm_head(fused.last_hidden_state[:, 0])[:, 1].float()
     return scores
 
@@ -99,7 +99,7 @@ def rerank_with_itm(
 def reranked_recalls(
     scores_i2t: Tensor, scores_t2i: Tensor, text_image_index: Tensor, ks: tuple[int, ...] = RECALL_KS
 ) -> dict[str, float]:
-    """Recalls as :func:`vlalign.metrics.retrieval_recalls` reports them: image→text (``txt_r*``) from the image
+    """Recalls as :func:`vlalign.evaluation.metrics.retrieval_recalls` reports them: image→text (``txt_r*``) from the image
     queries' matrix, text→image (``img_r*``) from the caption queries' matrix."""
     i2t = retrieval_recalls(scores_i2t, text_image_index, ks)
     t2i = retrieval_recalls(scores_t2i, text_image_index, ks)

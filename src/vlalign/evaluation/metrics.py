@@ -1,4 +1,4 @@
-"""Retrieval recall exactly as ALBEF/SIMLA define it (method note §5), vectorised."""
+"""Retrieval recall exactly as ALBEF/SIMLA define it (docs/method.md §5.3), vectorised."""
 
 from __future__ import annotations
 

@@ -1,0 +1,1 @@
+"""Long-run machinery: fault tolerance (non-finite guard, RNG capture, atomic checkpoints, preemption)."""
