@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo_run
 
-.PHONY: install test demo lint bench clean
+.PHONY: install test demo demo-finetune lint bench clean
 
 install: $(STAMP)
 
@@ -21,6 +21,11 @@ test: install
 # A fixed number of training steps (load only makes it slower); e.g. make demo DEMO_ARGS="--seed 43"
 demo: install
 	$(BIN)/python -m vlalign.cli.demo --out $(DEMO_DIR) $(DEMO_ARGS)
+
+# Retrieval fine-tuning of the demo model (reuses `make demo`'s checkpoint in $(DEMO_DIR), or runs it first), then
+# zero-shot vs fine-tuned recall and hard-negative accuracy; e.g. make demo-finetune DEMO_FINETUNE_ARGS="--steps 300"
+demo-finetune: install
+	$(BIN)/python -m vlalign.cli.demo_finetune --out $(DEMO_DIR) $(DEMO_FINETUNE_ARGS)
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks

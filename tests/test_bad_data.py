@@ -360,14 +360,11 @@ def test_trainer_fit_surfaces_too_many_bad_samples_from_a_worker(tokenizer: str,
         trainer.fit(_Recorder(), datamodule=module)
 
 
-# -- per-epoch summary of skipped samples in the recipe ------------------------------------------------------------
+# -- per-epoch summary of skipped samples (the DataQualityMonitor callback) ------------------------------------------------------------
 def test_data_quality_monitor_logs_skipped_samples_per_epoch(
     tokenizer: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from vlalign.models.stream import StreamConfig
-    from vlalign.models.vision import VisionConfig
-    from vlalign.objectives.itc import ITC
-    from vlalign.tasks.pretrain import PretrainRecipe
+    from vlalign.testing import tiny_recipe
     from vlalign.training.data_quality import DataQualityMonitor
 
     samples = []
@@ -378,13 +375,7 @@ def test_data_quality_monitor_logs_skipped_samples_per_epoch(
     # One shard read from its start each epoch: the same two batches, carrying the same three skips (x3 comes
     # after the second batch's last sample).
     module = shard_module(tokenizer, urls, batch_size=2, resampled=True, samples_per_epoch=4)
-    stream = StreamConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=32, encoder_width=64)
-    recipe = PretrainRecipe(
-        vision=VisionConfig(name="vit_vlalign_tiny_patch8", img_size=IMAGE_SIZE, mask_token=False),
-        stream=stream,
-        vocab=module.vocab,
-        itc=ITC(embed_dim=16, queue_size=0, distill=False),
-    )
+    recipe = tiny_recipe("clip", vision={"img_size": IMAGE_SIZE}, stream={"num_layers": 1}, vocab=module.vocab)
     trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         callbacks=[DataQualityMonitor()])  # fmt: skip

@@ -68,11 +68,42 @@ def test_fit_fast_dev_run_itc_itm(cli_data_args: list[str]) -> None:
     assert "val/r_mean" in metrics  # fast_dev_run also runs one validation batch
 
 
-def test_validate_reports_recall_with_chance_level_bounds(cli_data_args: list[str]) -> None:
+def test_validate_recall_equals_an_independent_computation_from_the_features(
+    cli_data_args: list[str], synth_data: Path
+) -> None:
+    """`validate` assembles the score matrix from sharded batches by global index: recompute the recalls from
+    features encoded here one image and one caption at a time, ranked with plain Python, and compare."""
+    import json
+
+    from vlalign.data.text import pre_caption
+    from vlalign.data.tokenization import load_tokenizer, tokenize_captions
+    from vlalign.data.transforms import EvalTransform, load_rgb
+
     cli = run_training_cli(["validate", "--config", str(CONFIGS / "pretrain" / "tiny.yaml"), *cli_data_args])
     recalls = cli.model.last_retrieval["val"]
-    assert set(recalls) >= {"txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean"}
-    assert all(0.0 <= v <= 100.0 for v in recalls.values())
+    model, data = cli.model.eval(), cli.datamodule
+    entries = json.loads((synth_data / "retrieval_val.json").read_text())
+    tokenizer = load_tokenizer(synth_data / "tokenizer")
+    transform = EvalTransform(data.image_size)
+    with torch.no_grad():
+        images = [transform(load_rgb(synth_data / e["image"])) for e in entries]
+        image_feat = model.itc.image_features(model.backbone.vision(torch.stack(images)))
+        captions = [(i, pre_caption(c, data.max_words)) for i, e in enumerate(entries) for c in e["caption"]]
+        ids, mask = tokenize_captions(tokenizer, [c for _, c in captions], data.eval_max_length, "max_length")
+        text_feat = model.itc.text_features(model.backbone.encode_text(ids, mask), mask)
+    scores = (image_feat @ text_feat.t()).tolist()
+    owner = [i for i, _ in captions]
+
+    def rank_of_best(row: list[float], good: set[int]) -> int:
+        return min(sum(other > row[j] for other in row) for j in good)
+
+    expected = {}
+    for k in (1, 5, 10):
+        i2t = [rank_of_best(scores[i], {j for j, o in enumerate(owner) if o == i}) < k for i in range(len(entries))]
+        t2i = [rank_of_best([scores[i][j] for i in range(len(entries))], {owner[j]}) < k for j in range(len(owner))]
+        expected[f"txt_r{k}"], expected[f"img_r{k}"] = 100 * sum(i2t) / len(i2t), 100 * sum(t2i) / len(t2i)
+    for key, value in expected.items():
+        assert recalls[key] == pytest.approx(value, abs=1e-6), key
 
 
 @pytest.mark.parametrize("command", ["validate", "test"])

@@ -11,16 +11,10 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from vlalign.cli.main import main
-from vlalign.data.tokenization import VocabInfo
 from vlalign.models.backbone import with_prefix
 from vlalign.models.stream import SingleStreamTransformer, StreamConfig
-from vlalign.models.vision import VisionConfig
-from vlalign.objectives.image_targets import PixelTargets
-from vlalign.objectives.itc import ITC
-from vlalign.objectives.itm import ITM
-from vlalign.objectives.psl import PSL
-from vlalign.objectives.xmm import XMM
 from vlalign.tasks.pretrain import PretrainRecipe
+from vlalign.testing import TINY_POSITIONS, TINY_VOCAB, tiny_batch, tiny_recipe
 from vlalign.weights.published import (
     ConversionError,
     convert_bert,
@@ -32,51 +26,23 @@ from vlalign.weights.published import (
 )
 from vlalign.weights.safe_loading import load_init_weights
 
-VOCAB = VocabInfo(vocab_size=60, pad_token_id=0, unk_token_id=1, cls_token_id=2, sep_token_id=3, mask_token_id=4)
-POSITIONS = 40
+VOCAB = TINY_VOCAB
+POSITIONS = TINY_POSITIONS
 QUEUE = 8
 
 
 def _recipe(kind: str = "simla", seed: int = 0, init_from: str | None = None) -> PretrainRecipe:
     """Tiny recipes: SIMLA (all four objectives), ALBEF (2 layers, fusion from layer 1, token types), retrieval."""
-    torch.manual_seed(seed)
-    albef = kind == "albef"
-    stream = StreamConfig(
-        hidden_size=64,
-        num_layers=2,
-        num_heads=2,
-        intermediate_size=128,
-        max_position_embeddings=POSITIONS,
-        encoder_width=64,
-        fusion_layer=1 if albef else None,
-        type_vocab_size=2 if albef else 0,
-    )
-    return PretrainRecipe(
-        vision=VisionConfig(name="vit_vlalign_tiny_patch8", img_size=32, mask_token=kind == "simla"),
-        stream=stream,
-        vocab=VOCAB,
-        itc=ITC(embed_dim=16, queue_size=QUEUE),
-        itm=ITM(),
-        xmm=None if kind == "retrieval" else XMM(image=not albef, image_targets=PixelTargets()),
-        psl=PSL() if kind == "simla" else None,
-        init_from=init_from,
+    return tiny_recipe(
+        "itc_itm" if kind == "retrieval" else kind,
+        seed=seed,
+        queue_size=QUEUE,
+        init_from=init_from,  # type: ignore[arg-type]
     )
 
 
 def _batch() -> dict[str, Tensor]:
-    g = torch.Generator().manual_seed(7)
-    ids = torch.randint(5, VOCAB.vocab_size, (4, 9), generator=g)
-    ids[:, 0] = VOCAB.cls_token_id
-    mask = torch.ones_like(ids)
-    mask[1, 6:] = 0
-    mask[3, 4:] = 0
-    ids[mask == 0] = VOCAB.pad_token_id
-    return {
-        "image": torch.randn(4, 3, 32, 32, generator=g),
-        "input_ids": ids,
-        "attention_mask": mask,
-        "patch_mask": torch.rand(4, 16, generator=g) < 0.4,
-    }
+    return tiny_batch(batch_size=4, length=9, seed=7)
 
 
 def _step_loss(model: PretrainRecipe) -> Tensor:

@@ -252,3 +252,70 @@ def test_itc_mean_pooling_averages_only_real_tokens() -> None:
     torch.testing.assert_close(feats, torch.tensor(expected), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="itc.text_pooling"):
         ITC(text_pooling="max")
+
+
+# -- retrieval fine-tuning: every caption of the same image is a positive ---------------------------------------------
+def _hand_direction_with_targets(queries, teacher_queries, candidates, targets, temp, alpha) -> float:
+    loss = 0.0
+    for q, qm, row in zip(queries, teacher_queries, targets, strict=True):
+        probs = _softmax([_dot(q, c) / temp for c in candidates])
+        teacher = _softmax([_dot(qm, c) / temp for c in candidates])
+        for j in range(len(candidates)):
+            loss -= (alpha * teacher[j] + (1 - alpha) * row[j]) * math.log(probs[j])
+    return loss / len(queries)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.4])
+def test_itc_same_image_positives_span_batch_and_queue_like_hand_computation(alpha: float) -> None:
+    """Hand-made batch: captions 0 and 2 show image 11, which the queue also holds (slot 1) from the step before."""
+    itc = ITC(embed_dim=WIDTH, temperature=0.1, queue_size=6, distill=True, same_image_positives=True)
+    itc.build(_spec(momentum=True))
+    _identity_projections(itc)
+    first = _ctx(batch=4, alpha=alpha, seed=1)
+    first.batch = {"image_ids": torch.tensor([10, 11, 12, 13])}
+    itc(first)
+    itc.after_optimizer_step()
+    assert itc.image_id_queue.tolist() == [10, 11, 12, 13, -1, -1]  # -1: slots holding no sample yet
+
+    ctx = _ctx(batch=4, alpha=alpha, seed=2)
+    ctx.batch = {"image_ids": torch.tensor([11, 20, 11, 21])}
+    queue_v = [_unit(col) for col in itc.image_queue.t().tolist()]
+    queue_t = [_unit(col) for col in itc.text_queue.t().tolist()]
+    out = itc(ctx)
+    # candidates: the 4 batch samples (ids 11 20 11 21), then the 6 queue slots (ids 10 11 12 13 -1 -1)
+    third = 1.0 / 3.0
+    targets = [
+        [third, 0, third, 0, 0, third, 0, 0, 0, 0],
+        [0, 1, 0, 0, 0, 0, 0, 0, 0, 0],
+        [third, 0, third, 0, 0, third, 0, 0, 0, 0],
+        [0, 0, 0, 1, 0, 0, 0, 0, 0, 0],
+    ]
+    v, t = _cls(ctx.image_tokens), _cls(ctx.text_states)
+    vm, tm = _cls(ctx.image_tokens_m), _cls(ctx.text_states_m)
+    i2t = _hand_direction_with_targets(v, vm, tm + queue_t, targets, 0.1, alpha)
+    t2i = _hand_direction_with_targets(t, tm, vm + queue_v, targets, 0.1, alpha)
+    assert out.loss.item() == pytest.approx((i2t + t2i) / 2, rel=1e-5)
+
+    itc.after_optimizer_step()  # the ring wraps: slots 4, 5, 0, 1 take this step's ids
+    assert itc.image_id_queue.tolist() == [11, 21, 12, 13, 11, 20]
+
+
+def test_itc_without_same_image_positives_keeps_pretraining_state_and_targets() -> None:
+    itc = ITC(embed_dim=WIDTH, queue_size=4)
+    itc.build(_spec(momentum=True))
+    assert "image_id_queue" not in itc.state_dict()  # pretraining checkpoints are unchanged
+    ctx = _ctx(batch=3, alpha=0.0)
+    ctx.batch = {"image_ids": torch.tensor([1, 1, 2])}  # ignored: pretraining treats each pair alone
+    reference = ITC(embed_dim=WIDTH, queue_size=4)
+    reference.build(_spec(momentum=True))
+    reference.load_state_dict(itc.state_dict())
+    assert itc(ctx).loss.item() == pytest.approx(reference(_ctx(batch=3, alpha=0.0)).loss.item(), rel=1e-6)
+
+
+def test_itc_same_image_positives_needs_image_ids() -> None:
+    itc = ITC(embed_dim=WIDTH, queue_size=4, same_image_positives=True)
+    itc.build(_spec(momentum=True))
+    ctx = _ctx(batch=3, alpha=0.0)
+    ctx.batch = {}
+    with pytest.raises(KeyError, match="image_ids"):
+        itc(ctx)

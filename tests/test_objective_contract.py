@@ -180,3 +180,19 @@ def test_a_third_party_objective_trains_through_the_cli(cli_data_args: list[str]
     assert [o.name for o in restored.objectives] == ["itc", "itm", "toy_align"]
     for key, value in model.state_dict().items():
         assert torch.equal(restored.state_dict()[key], value), key
+
+
+def test_load_from_checkpoint_rebuilds_every_simla_objective(cli_data_args: list[str], tmp_path: Path) -> None:
+    """The recorded spec rebuilds XMM (with its nested image targets) and PSL too, with one vocabulary size."""
+    simla = TINY.with_name("simla_tiny.yaml")
+    cli = run_training_cli([
+        "fit", "--config", str(simla), *cli_data_args, "--model.stream.num_layers", "2", "--trainer.max_steps", "2",
+        "--trainer.limit_val_batches", "0", "--trainer.enable_model_summary", "false",
+    ])  # fmt: skip
+    checkpoint = next(Path(tmp_path).rglob("last.ckpt"))
+    restored = PretrainRecipe.load_from_checkpoint(checkpoint)
+    assert [o.config() for o in restored.objectives] == [o.config() for o in cli.model.objectives]
+    assert restored.backbone.stream.config.vocab_size == cli.model.vocab.vocab_size == restored.vocab.vocab_size
+    assert restored.preprocessing is not None and restored.preprocessing.tokenizer_files
+    for key, value in cli.model.state_dict().items():
+        assert torch.equal(restored.state_dict()[key], value), key

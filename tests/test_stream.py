@@ -356,3 +356,69 @@ def test_masked_lm_head_is_tied_and_matches_hf(tmp_path: Path) -> None:
     assert stream.embeddings.word_embeddings.weight.grad is not None
     with pytest.raises(ValueError, match="word_embeddings"):
         MaskedLMHead(config, torch.nn.Embedding(10, 32))
+
+
+@pytest.mark.parametrize("fusion_layer", [None, 1])
+def test_fuse_cached_equals_fuse(fusion_layer: int | None) -> None:
+    """K/V reuse (docs/method.md §5.2): keys/values projected once per image, gathered per text row, == plain fuse."""
+    torch.manual_seed(0)
+    extra = {} if fusion_layer is None else {"num_layers": 3, "fusion_layer": fusion_layer, "type_vocab_size": 2}
+    model = SingleStreamTransformer(tiny_config(**extra)).eval()
+    g = torch.Generator().manual_seed(3)
+    images = torch.randn(4, 6, 24, generator=g)
+    image_mask = torch.ones(4, 6, dtype=torch.long)
+    image_mask[1, 4:] = 0
+    ids = torch.randint(1, 100, (7, 9), generator=g)
+    mask = (torch.arange(9)[None, :] < torch.tensor([9, 3, 5, 9, 2, 7, 4])[:, None]).long()
+    ids = ids.masked_fill(mask == 0, 0)
+    image_index = torch.tensor([2, 0, 2, 1, 3, 1, 2])  # repeats, out of order: pairs of several queries
+    with torch.no_grad():
+        kv = model.precompute_image_kv(images, image_mask)
+        assert kv.num_images == 4 and kv.num_tokens == 6 and kv.first_layer == model.fusion_layers.start
+        assert len(kv.keys) == len(model.fusion_layers) and kv.keys[0].shape == (4, 4, 6, 8)
+        assert kv.nbytes == 2 * len(model.fusion_layers) * 4 * 6 * 32 * 4
+        expected = model.fuse(mask, images[image_index], image_mask[image_index], input_ids=ids).last_hidden_state
+        cached = model.fuse_cached(mask, kv, image_index, input_ids=ids).last_hidden_state
+        torch.testing.assert_close(cached, expected, atol=1e-5, rtol=0)
+        # one image per row without an index; the same through a selected copy of the cache
+        in_order = model.fuse_cached(mask, kv.select(image_index), input_ids=ids).last_hidden_state
+        torch.testing.assert_close(in_order, expected, atol=1e-5, rtol=0)
+        # the mask matters (image 1 has masked tokens) and is applied per gathered row
+        unmasked = model.fuse(mask, images[image_index], input_ids=ids).last_hidden_state
+        assert not torch.allclose(unmasked[3], expected[3], atol=1e-4)
+        # groups of rows sharing an image: K/V gathered once per group, queries stacked (rows 0-1, 2-3, 4-5 here)
+        groups = torch.tensor([3, 1, 3])
+        grouped = model.fuse_cached(mask[:6], kv, groups, input_ids=ids[:6], group_size=2).last_hidden_state
+        per_row = model.fuse(
+            mask[:6], images[groups.repeat_interleave(2)], image_mask[groups.repeat_interleave(2)], input_ids=ids[:6]
+        ).last_hidden_state
+        torch.testing.assert_close(grouped, per_row, atol=1e-5, rtol=0)
+        if fusion_layer is not None:  # ALBEF split: text layers once per caption, their output reused
+            text = model.encode_text(ids, mask).last_hidden_state
+            from_states = model.fuse_cached(mask, kv, image_index, text_states=text).last_hidden_state
+            torch.testing.assert_close(from_states, expected, atol=1e-5, rtol=0)
+
+    with pytest.raises(ValueError, match="image_index must have shape"):
+        model.fuse_cached(mask, kv, image_index[:3], input_ids=ids)
+    with pytest.raises(ValueError, match="one image per text row"):
+        model.fuse_cached(mask, kv, input_ids=ids)
+    with pytest.raises(ValueError, match="group_size"):
+        model.fuse_cached(mask, kv, image_index[:3], input_ids=ids, group_size=2)
+    with pytest.raises(ValueError, match="encoder_width"):
+        model.precompute_image_kv(torch.randn(2, 6, 16))
+    other = SingleStreamTransformer(tiny_config(num_layers=3, fusion_layer=2, type_vocab_size=2)).eval()
+    with pytest.raises(ValueError, match="recompute it"):
+        other.fuse_cached(mask, kv, image_index, input_ids=ids)
+
+
+def test_fuse_cached_under_autocast_matches_fuse() -> None:
+    torch.manual_seed(0)
+    model = SingleStreamTransformer(tiny_config()).eval()
+    images, ids = torch.randn(3, 5, 24), torch.randint(1, 100, (4, 6))
+    mask, index = torch.ones(4, 6, dtype=torch.long), torch.tensor([0, 2, 2, 1])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        kv = model.precompute_image_kv(images)
+        assert kv.keys[0].dtype == torch.bfloat16
+        cached = model.fuse_cached(mask, kv, index, input_ids=ids).last_hidden_state.float()
+        plain = model.fuse(mask, images[index], input_ids=ids).last_hidden_state.float()
+    torch.testing.assert_close(cached, plain, atol=5e-2, rtol=0)

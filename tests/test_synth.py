@@ -43,6 +43,7 @@ def test_writes_every_layout(synth: SynthSummary) -> None:
     assert all(p.is_file() for paths in synth.shards.values() for p in paths)
     assert synth.shard_urls("train").endswith("train/{000000..000001}.tar")
     assert (root / "README.txt").read_text().count("retrieval_train.json") == 1
+    assert synth.hardneg_json == {split: root / f"hardneg_{split}.json" for split in ("val", "test")}
     tokenizer = load_tokenizer(synth.tokenizer_dir)
     assert vocab_info(tokenizer).cls_token_id == 2
 
@@ -95,6 +96,11 @@ def test_json_layouts(synth: SynthSummary) -> None:
             assert set(entry) == {"image", "caption"}
             assert entry["image"].startswith(f"images/{split}/") and (synth.root / entry["image"]).is_file()
             assert len(entry["caption"]) == 3
+        hardneg = json.loads(synth.hardneg_json[split].read_text())
+        assert [e["image"] for e in hardneg] == [e["image"] for e in entries]
+        for entry in hardneg:
+            assert set(entry) == {"image", "positive", "negatives"} and isinstance(entry["positive"], str)
+            assert entry["negatives"] and all(set(n) == {"type", "caption"} for n in entry["negatives"])
 
 
 def test_captions_describe_the_scene_and_tokenize(synth: SynthSummary) -> None:
@@ -118,7 +124,9 @@ def test_deterministic_under_seed_byte_for_byte_tokenizer_included(tmp_path: Pat
     reference = _digest(synth.root)
     tokenizer_files = [name for name in reference if name.startswith("tokenizer/")]
     assert "tokenizer/tokenizer.json" in tokenizer_files
-    assert len(reference) == 60 + 4 + 3 + 1 + len(tokenizer_files)  # images, shards, retrieval JSONs, README
+    # images, shards, retrieval JSONs, hard-negative JSONs, README
+    assert len(reference) == 60 + 4 + 3 + 2 + 1 + len(tokenizer_files)
+    assert {"hardneg_val.json", "hardneg_test.json"} <= reference.keys()
     assert _digest(again.root) == reference
 
     # Every file, pretrain.json included: a second run into the same directory rewrites identical bytes.
@@ -134,5 +142,6 @@ def test_deterministic_under_seed_byte_for_byte_tokenizer_included(tmp_path: Pat
 
     assert relative(again) == relative(synth)
     assert _digest(different.root)["retrieval_test.json"] != reference["retrieval_test.json"]
+    assert _digest(different.root)["hardneg_test.json"] != reference["hardneg_test.json"]
     reference_pixels = np.asarray(Image.open(synth.image_root / "train" / "000000000.jpg"))
     assert np.array_equal(reference_pixels, np.asarray(Image.open(again.image_root / "train" / "000000000.jpg")))

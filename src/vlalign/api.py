@@ -87,7 +87,7 @@ README_FILE = "README.md"
 #: weights (the MLM decoder shares the word embeddings), which are written once.
 ALIASES_METADATA = "vlalign_aliases"
 #: ITC state that only training reads (the feature queues).
-QUEUE_KEYS = ("itc.image_queue", "itc.text_queue", "itc.queue_ptr")
+QUEUE_KEYS = ("itc.image_queue", "itc.text_queue", "itc.queue_ptr", "itc.image_id_queue")
 #: Roots of the modules the inference model keeps (everything else in a checkpoint is ignored).
 KEPT_ROOTS = ("backbone", "itc", "itm")
 

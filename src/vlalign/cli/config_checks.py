@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import difflib
 import functools
-import importlib
 import inspect
 import re
 from pathlib import Path
@@ -19,6 +18,7 @@ from jsonargparse import Namespace
 
 from vlalign.errors import ConfigError, UserError
 from vlalign.objectives.base import OBJECTIVES, ConfigFacts, Objective, builtin_objectives
+from vlalign.utils.classes import resolve_class
 
 __all__ = ["check_config", "configured_objectives", "vit_patch_size", "vit_width"]
 
@@ -83,14 +83,9 @@ def configured_objectives(model: Namespace) -> dict[str, tuple[type[Objective], 
 
 
 def _class(class_path: Any) -> type[Objective] | None:
-    if not isinstance(class_path, str) or "." not in class_path:
-        return None
-    module, _, name = class_path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError):
-        return None
-    return cls if isinstance(cls, type) and issubclass(cls, Objective) and OBJECTIVES.get(cls.name) is cls else None
+    """A registered objective class, or None (jsonargparse reports unknown classes itself)."""
+    cls = resolve_class(class_path)
+    return cls if cls is not None and issubclass(cls, Objective) and OBJECTIVES.get(cls.name) is cls else None
 
 
 def _get(namespace: Any, key: str, default: Any = None) -> Any:

@@ -2,7 +2,7 @@
 
 Everything is generated locally; nothing is downloaded. The demo trains a fixed number of optimizer steps (the
 cosine schedule spans exactly those steps), so a busy machine gives the same result as a quiet one, only later.
-Everything it writes (data, TensorBoard logs, checkpoints, config, result JSON) goes under ``--out``.
+Everything it writes (data, TensorBoard logs, checkpoints, config, result JSON) goes under --out.
 """
 
 from __future__ import annotations
@@ -177,11 +177,15 @@ def _run_demo(
 
 
 def cli(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m vlalign.cli.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=Path("demo_run"), help="folder for everything the demo writes")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="optimizer steps (fixed: load only slows)")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed_everything and the data-order seed")
-    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch intra-op threads")
+    parser.add_argument(
+        "--threads", type=int, default=DEFAULT_THREADS, help="torch intra-op threads (default 1: robust under load)"
+    )
     parser.add_argument("--num-train", type=int, default=2000, help="synthetic training pairs")
     parser.add_argument("--num-val", type=int, default=200, help="synthetic validation images")
     parser.add_argument("--num-test", type=int, default=200, help="synthetic test images (the table's split)")

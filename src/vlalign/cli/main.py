@@ -1,4 +1,4 @@
-"""`vlalign` entry point: routes the first word to the training CLI or to a tool.
+"""`vlalign` entry point: routes the first word to the training CLI, the downstream task commands or a tool.
 
 Mistakes a user can fix (:class:`vlalign.errors.UserError`: configuration, paths, input files) end the command
 with one ``error:`` block on stderr and exit status 2, without a traceback; ``vlalign --debug ...`` or
@@ -17,6 +17,8 @@ from vlalign.errors import UserError
 #: Commands run by the LightningCLI (:mod:`vlalign.cli.train`), imported only when one is asked for, so
 #: ``vlalign --help`` and the tools start without loading Lightning.
 TRAINING_COMMANDS = ("fit", "validate", "test")
+#: Downstream task commands (:mod:`vlalign.cli.tasks`), followed by a task name from :mod:`vlalign.tasks.registry`.
+TASK_COMMANDS = ("finetune", "evaluate")
 
 USAGE = """usage: vlalign [--debug] <command> [options]
 
@@ -26,6 +28,12 @@ Training (LightningCLI; `vlalign <command> --help` lists every option):
   validate   zero-shot retrieval on the validation split of a config (with --ckpt_path)
   test       zero-shot retrieval on the test split
 
+Downstream tasks (`vlalign finetune <task> --help` lists every option of a task):
+  finetune   fine-tune, then test the best checkpoint; results.json in the run folder:
+             vlalign finetune retrieval --config configs/finetune/retrieval_coco.yaml --model.init_from MODEL
+  evaluate   test any model (.ckpt, exported folder, converted .safetensors) on a task; --split val|test, --out DIR:
+             vlalign evaluate retrieval --model MODEL --config configs/finetune/retrieval_coco.yaml
+{tasks}
 Tools:
   data synth      write synthetic image-caption data (shards, JSON lists, tokenizer)
   data convert    convert an ALBEF-style JSON caption list into WebDataset shards
@@ -42,6 +50,25 @@ Mistakes in settings or input files print one `error:` message and exit with sta
 
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "VLALIGN_DEBUG"
+
+
+def task_listing() -> str:
+    """The registered tasks as ``vlalign --help`` lists them (from the registry's static table: no torch import)."""
+    from vlalign.tasks.registry import help_tasks
+
+    rows = help_tasks()
+    if not rows:
+        return "  (no task registered)\n"
+    names = {name: name if trains else f"{name}*" for name, (_, trains) in rows.items()}
+    width = max(len(shown) for shown in names.values())
+    lines = [f"    {names[name]:<{width}}  {text}" for name, (text, _) in rows.items()]
+    note = "" if all(trains for _, trains in rows.values()) else "    * evaluate only\n"
+    return "  tasks:\n" + "\n".join(lines) + "\n" + note
+
+
+def usage() -> str:
+    """The ``vlalign --help`` text, with the registered tasks."""
+    return USAGE.replace("{tasks}", task_listing())
 
 
 def _tools() -> dict[str, Callable[[list[str]], None]]:
@@ -71,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: list[str]) -> int:
     if not args or args[0] in ("-h", "--help", "help"):
-        print(USAGE)
+        print(usage())
         return 0
     command = args[0]
     if command in TRAINING_COMMANDS:
@@ -79,9 +106,17 @@ def _run(args: list[str]) -> int:
 
         run_training_cli(args)
         return 0
+    if command in TASK_COMMANDS:
+        if len(args) > 1 and args[1] in ("-h", "--help", "help"):
+            print(usage())
+            return 0
+        from vlalign.cli.tasks import run_task_command
+
+        run_task_command(command, args[1:])
+        return 0
     tools = _tools()
     if command in tools:
         tools[command](args[1:])
         return 0
-    print(f"vlalign: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    print(f"vlalign: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
     return 2

@@ -10,7 +10,6 @@ with ``weights_only=True``.
 
 from __future__ import annotations
 
-import importlib
 import traceback
 from typing import Any
 
@@ -24,6 +23,7 @@ from vlalign.cli.main import TRAINING_COMMANDS
 from vlalign.errors import ConfigError, UserError
 from vlalign.tasks.pretrain import PretrainRecipe
 from vlalign.training.run_folder import find_resume, run_folder_from_config
+from vlalign.utils.classes import resolve_class
 from vlalign.weights.safe_loading import check_resume_checkpoint
 
 __all__ = [
@@ -68,11 +68,16 @@ class VlalignCLI(LightningCLI):
         is authoritative; merged, the recorded config objects also could not be written back to ``config.yaml``.
         """
 
+    def check(self, config: Namespace, subcommand: str) -> None:
+        """Every cross-setting mistake of the parsed config as one :class:`ConfigError` (pretraining checks here;
+        a downstream task's CLI checks its own)."""
+        check_config(config, subcommand)
+
     def before_instantiate_classes(self) -> None:
         """Cross-check data, model and trainer settings on the parsed config (raises :class:`ConfigError`), add the
         run machinery, resolve ``--ckpt_path last``; validate and test write no ``config.yaml``."""
         config = self.config[self.subcommand] if self.subcommand else self.config
-        check_config(config, self.subcommand or "fit")
+        self.check(config, self.subcommand or "fit")
         add_run_machinery(config.trainer)
         if self.subcommand and config.get("ckpt_path") == "last":
             resume_last(config, continue_run_folder=self.subcommand == "fit")
@@ -149,14 +154,10 @@ def _entries(value: Any) -> list[Any]:
 
 def _is_a(entry: Any, base: type) -> bool:
     class_path = entry.get("class_path") if isinstance(entry, Namespace) else None
-    if not isinstance(class_path, str) or "." not in class_path:
+    if class_path is None:
         return isinstance(entry, base)
-    module, _, name = class_path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError):
-        return False
-    return isinstance(cls, type) and issubclass(cls, base)
+    cls = resolve_class(class_path)
+    return cls is not None and issubclass(cls, base)
 
 
 def add_run_machinery(trainer: Namespace) -> None:

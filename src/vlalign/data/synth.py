@@ -2,7 +2,26 @@
 
 Scenes of one to three coloured shapes with captions naming colour, shape, size, position and relations, so a
 tiny model can learn retrieval well above chance without any download. Output layouts: JPEG files, img2dataset-
-style WebDataset shards, an ALBEF pre-training JSON, Karpathy-style retrieval JSONs and a WordPiece tokenizer.
+style WebDataset shards, an ALBEF pre-training JSON, Karpathy-style retrieval JSONs, hard-negative JSONs and a
+WordPiece tokenizer.
+
+Hard negatives (``hardneg_val.json``, ``hardneg_test.json``; read by ``vlalign evaluate hardneg``): one entry per
+val / test image, ``{"image", "positive", "negatives": [{"type", "caption"}, ...]}``. The positive and every
+negative are written from the scene's structured description (:func:`hard_negatives`), never by editing caption
+text. A scene with two or more shapes gets the relation template for one pair of them, ``"a red circle to the left
+of a blue square"`` (the pair drawn among those of different shapes when there is one); a single shape gets ``"a
+red circle on the left"``. Colours are unique within a scene, so a colour names one object and every edit below
+makes a caption that is false of the image. Edit types, each written only where it is well defined:
+
+- ``colour_swap``: one object's colour replaced by a colour no object in the scene has (always defined);
+- ``shape_swap``: one object's shape replaced by another shape (always defined);
+- ``relation_swap``: the relation between the pair reversed, left of <-> right of, above <-> below (two or more
+  shapes);
+- ``attribute_binding_swap``: the pair's colours exchanged, ``"a blue circle to the left of a red square"`` (two or
+  more shapes, the pair of different shapes, so the edit tests which colour goes with which shape).
+
+They come from their own random stream (seeded by the dataset seed and the image key), so adding them changed no
+other file, and the same seed writes the same bytes.
 """
 
 from __future__ import annotations
@@ -50,6 +69,16 @@ _SUPERSAMPLE = 2
 _JPEG_QUALITY = 90
 _TAR_MTIME = 0.0  # fixed member timestamps keep shards byte-identical under a seed
 _NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
+#: Splits that get a hard-negative file, and the edit types it holds (see the module docstring).
+HARDNEG_SPLITS: tuple[str, ...] = ("val", "test")
+HARDNEG_TYPES: tuple[str, ...] = ("colour_swap", "shape_swap", "relation_swap", "attribute_binding_swap")
+_HARDNEG_STREAM = 0x484E  # second entropy word of the hard-negative generator: a stream apart from the scenes'
+_REVERSED_RELATION = {
+    "to the left of": "to the right of",
+    "to the right of": "to the left of",
+    "above": "below",
+    "below": "above",
+}
 
 
 @dataclass(frozen=True)
@@ -77,6 +106,7 @@ class SynthSummary:
     shards: dict[str, list[Path]]
     pretrain_json: Path
     retrieval_json: dict[str, Path]
+    hardneg_json: dict[str, Path]
     tokenizer_dir: Path
     readme: Path
     num_images: dict[str, int]
@@ -222,6 +252,55 @@ def caption_scene(scene: Scene, num_captions: int, rng: np.random.Generator) -> 
     return captions
 
 
+def hard_negatives(scene: Scene, rng: np.random.Generator) -> tuple[str, list[dict[str, str]]]:
+    """A positive caption of ``scene`` and its hard negatives ``[{"type", "caption"}]`` in :data:`HARDNEG_TYPES`
+    order, all written from the scene's structure (the module docstring lists the templates and the edit types).
+
+    Every negative is false of the scene: colours are unique within a scene, so a caption that names a colour no
+    object has, a colour with a shape its object does not have, or the reversed relation of two objects cannot
+    describe it.
+    """
+    items = list(scene.shapes)
+    if len(items) == 1:
+        chosen = items
+        relation = "in the centre" if items[0].position == "centre" else _where(items[0], rng)
+    else:
+        pairs = [(i, j) for i in range(len(items)) for j in range(len(items)) if i != j]
+        candidates = [(i, j) for i, j in pairs if items[i].shape != items[j].shape] or pairs
+        i, j = candidates[int(rng.integers(len(candidates)))]
+        chosen = [items[i], items[j]]
+        relation = _relation(chosen[0], chosen[1])
+    objects = [(item.colour, item.shape) for item in chosen]  # the caption's (colour, shape) of each object
+
+    def caption(described: list[tuple[str, str]], rel: str = relation) -> str:
+        """``"a red circle on the left"`` (one object) or ``"a red circle <rel> a blue square"`` (two)."""
+        first = f"{_article(described[0][0])} {described[0][0]} {described[0][1]} {rel}"
+        if len(described) == 1:
+            return first
+        return f"{first} {_article(described[1][0])} {described[1][0]} {described[1][1]}"
+
+    def replaced(index: int, colour: str | None = None, shape: str | None = None) -> list[tuple[str, str]]:
+        out = list(objects)
+        out[index] = (colour or out[index][0], shape or out[index][1])
+        return out
+
+    free_colours = [colour for colour in COLOURS if colour not in {item.colour for item in items}]
+    target = int(rng.integers(len(objects)))
+    colour = free_colours[int(rng.integers(len(free_colours)))]
+    negatives = [{"type": "colour_swap", "caption": caption(replaced(target, colour=colour))}]
+    target = int(rng.integers(len(objects)))
+    other_shapes = [shape for shape in SHAPES if shape != objects[target][1]]
+    shape = other_shapes[int(rng.integers(len(other_shapes)))]
+    negatives.append({"type": "shape_swap", "caption": caption(replaced(target, shape=shape))})
+    if len(objects) == 2:
+        negatives.append({"type": "relation_swap", "caption": caption(objects, _REVERSED_RELATION[relation])})
+        (colour_a, shape_a), (colour_b, shape_b) = objects
+        if shape_a != shape_b:
+            swapped = [(colour_b, shape_a), (colour_a, shape_b)]
+            negatives.append({"type": "attribute_binding_swap", "caption": caption(swapped)})
+    return caption(objects), negatives
+
+
 def _jpeg_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=_JPEG_QUALITY)
@@ -249,6 +328,10 @@ Layout
   retrieval_val.json, retrieval_test.json
                                       one entry per image {{"image": "images/val/KEY.jpg", "caption": [...]}}
                                       (image paths are relative to this directory, the data modules' default root)
+  hardneg_val.json, hardneg_test.json one entry per image {{"image": "images/test/KEY.jpg", "positive": caption,
+                                      "negatives": [{{"type", "caption"}}, ...]}}: captions edited from the scene
+                                      (colour_swap, shape_swap, relation_swap, attribute_binding_swap), each false
+                                      of the image (`vlalign evaluate hardneg` reads them)
   tokenizer/                          lower-casing WordPiece tokenizer trained on the train captions (HF format)
 
 Counts: {counts}
@@ -280,6 +363,7 @@ def write_synthetic(
     counts = dict(zip(SPLITS, (num_train, num_val, num_test), strict=True))
     shards: dict[str, list[Path]] = {}
     records: dict[str, list[tuple[str, list[str]]]] = {}
+    scenes: dict[str, list[Scene]] = {split: [] for split in HARDNEG_SPLITS}
     next_key = 0
     with tqdm(total=sum(counts.values()), desc="synthetic data", unit="img", disable=not progress) as bar:
         for split in SPLITS:
@@ -320,6 +404,8 @@ def write_synthetic(
                     }
                 )
                 records[split].append((key, captions))
+                if split in scenes:
+                    scenes[split].append(scene)
                 bar.update(1)
             if tar is not None:
                 tar.close()
@@ -337,6 +423,13 @@ def write_synthetic(
     for split in ("val", "test"):
         entries = [{"image": f"images/{split}/{key}.jpg", "caption": caps} for key, caps in records[split]]
         retrieval_json[split].write_text(json.dumps(entries, indent=1))
+    hardneg_json = {split: root / f"hardneg_{split}.json" for split in HARDNEG_SPLITS}
+    for split in HARDNEG_SPLITS:
+        hardneg = []
+        for (key, _), scene in zip(records[split], scenes[split], strict=True):
+            positive, negatives = hard_negatives(scene, np.random.default_rng([seed, _HARDNEG_STREAM, int(key)]))
+            hardneg.append({"image": f"images/{split}/{key}.jpg", "positive": positive, "negatives": negatives})
+        hardneg_json[split].write_text(json.dumps(hardneg, indent=1))
 
     train_captions = [caption for _, caps in records["train"] for caption in caps]
     tokenizer_dir = train_wordpiece(train_captions, root / "tokenizer", vocab_size=tokenizer_vocab_size)
@@ -357,6 +450,7 @@ def write_synthetic(
         shards=shards,
         pretrain_json=pretrain_json,
         retrieval_json=retrieval_json,
+        hardneg_json=hardneg_json,
         tokenizer_dir=tokenizer_dir,
         readme=readme,
         num_images=counts,

@@ -1,4 +1,5 @@
-"""Retrieval recall exactly as ALBEF/SIMLA define it (docs/method.md §5.3), vectorised."""
+"""Retrieval recall exactly as ALBEF/SIMLA define it (docs/method.md §5.3), vectorised, with a documented tie rule
+(:func:`retrieval_ranks`)."""
 
 from __future__ import annotations
 
@@ -12,18 +13,29 @@ def retrieval_ranks(scores: Tensor, text_image_index: Tensor) -> tuple[Tensor, T
     """Rank (0 = best) of the best ground truth for every image query and every text query.
 
     ``scores`` is [num_images, num_texts]; ``text_image_index[j]`` is the image caption ``j`` describes. Image →
-    text: the position of the highest-ranked of the image's captions. Text → image: the position of its image.
+    text: the position of the highest-ranked of the image's captions in the image's row. Text → image: the position
+    of its image in the caption's column.
+
+    Tie rule: each query's candidates are ordered by descending score, equal scores by ascending candidate index (a
+    stable sort), and a rank is a position in that order, i.e. the number of candidates scored strictly higher plus
+    the number scored equally that have a lower index. Without ties this is exactly the reference's rank
+    (``np.argsort(score)[::-1]``, whose order among equal scores numpy leaves unspecified); with ties it is
+    deterministic on every device. A ground truth scored ``-inf`` (outside the query's re-ranked top ``k``,
+    :func:`vlalign.evaluation.retrieval.rerank_with_itm`) is never retrieved: its rank is the number of candidates.
     """
     num_images, num_texts = scores.shape
+    device = scores.device
     gt = torch.zeros_like(scores, dtype=torch.bool)
-    gt[text_image_index, torch.arange(num_texts, device=scores.device)] = True
-    # position of every text in each image's descending order = number of texts scored strictly higher
-    order_i2t = scores.argsort(dim=1, descending=True)
+    gt[text_image_index, torch.arange(num_texts, device=device)] = True
+    dropped = scores == float("-inf")
+    order_i2t = scores.argsort(dim=1, descending=True, stable=True)
     position_i2t = torch.empty_like(order_i2t)
-    position_i2t.scatter_(1, order_i2t, torch.arange(num_texts, device=scores.device).expand(num_images, -1))
-    ranks_i2t = position_i2t.masked_fill(~gt, num_texts).min(dim=1).values
-    order_t2i = scores.t().argsort(dim=1, descending=True)
+    position_i2t.scatter_(1, order_i2t, torch.arange(num_texts, device=device).expand(num_images, -1))
+    ranks_i2t = position_i2t.masked_fill(~gt | dropped, num_texts).min(dim=1).values
+    order_t2i = scores.t().argsort(dim=1, descending=True, stable=True)
     ranks_t2i = (order_t2i == text_image_index[:, None]).int().argmax(dim=1)
+    gt_dropped = dropped[text_image_index, torch.arange(num_texts, device=device)]
+    ranks_t2i = ranks_t2i.masked_fill(gt_dropped, num_images)
     return ranks_i2t, ranks_t2i
 
 

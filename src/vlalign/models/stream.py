@@ -117,6 +117,54 @@ class StreamOutput:
     attention_probs: Tensor | None = None
 
 
+@dataclass(frozen=True)
+class ImageKV:
+    """Cross-attention keys and values of a set of images, computed once per fusion layer (K/V reuse).
+
+    Re-ranking fuses every image with many captions (docs/method.md §5.2); the image side of each fusion layer's
+    cross-attention (the key and value projections of ``1+P`` image tokens) does not depend on the caption, so it is
+    computed once per image by :meth:`SingleStreamTransformer.precompute_image_kv` and gathered per pair (or per
+    group of pairs of one image) by :meth:`SingleStreamTransformer.fuse_cached`.
+
+    ``keys[n]`` / ``values[n]`` belong to layer ``first_layer + n`` and are ``[N_img, heads, P, head_dim]``;
+    ``mask`` is the images' ``[N_img, P]`` keep-mask (None: every token is attended). The tensors are tied to the
+    weights they were computed with: recompute after a weight update.
+    """
+
+    keys: tuple[Tensor, ...]
+    values: tuple[Tensor, ...]
+    mask: Tensor | None
+    first_layer: int
+
+    def __post_init__(self) -> None:
+        if not self.keys or len(self.keys) != len(self.values):
+            raise ValueError(
+                f"ImageKV needs one key and one value tensor per layer, got {len(self.keys)} and {len(self.values)}"
+            )
+
+    @property
+    def num_images(self) -> int:
+        return self.keys[0].shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.keys[0].shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the keys and values (the mask excluded)."""
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+    def select(self, index: Tensor) -> ImageKV:
+        """The images ``index`` [B] (repeats allowed), as a new cache (a copy)."""
+        return ImageKV(
+            tuple(k.index_select(0, index) for k in self.keys),
+            tuple(v.index_select(0, index) for v in self.values),
+            None if self.mask is None else self.mask.index_select(0, index),
+            self.first_layer,
+        )
+
+
 def _key_mask(mask: Tensor | None, batch: int, length: int, what: str) -> Tensor | None:
     """[B, L] keep-mask -> boolean SDPA mask [B, 1, 1, L] (True = attend), built once per forward."""
     if mask is None:
@@ -167,10 +215,35 @@ class AttentionCore(nn.Module):
     def _heads(self, x: Tensor) -> Tensor:
         return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
 
+    def project_kv(self, context: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values of ``context`` [N, P, kv_width], each [N, heads, P, head_dim] (what K/V reuse caches)."""
+        return self._heads(self.key(context)), self._heads(self.value(context))
+
     def forward(
         self, hidden: Tensor, context: Tensor, mask: Tensor | None, need_probs: bool = False
     ) -> tuple[Tensor, Tensor | None]:
         q, k, v = self._heads(self.query(hidden)), self._heads(self.key(context)), self._heads(self.value(context))
+        return self._attend(q, k, v, mask, need_probs)
+
+    def attend_kv(self, hidden: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, group_size: int = 1) -> Tensor:
+        """Attention of ``hidden`` [B, L, H] to already projected keys and values [B / group_size, heads, P, head_dim].
+
+        With ``group_size`` n > 1, rows ``g·n … g·n+n-1`` share key/value row ``g``: their queries are stacked into one
+        sequence of ``n·L`` queries (each query attends independently, so this is the per-row attention), and the keys
+        and values are read once per group instead of once per row.
+        """
+        q = self._heads(self.query(hidden))  # [B, heads, L, d]
+        if group_size == 1:
+            return self._attend(q, k, v, mask, False)[0]
+        batch, heads, length, dim = q.shape
+        groups = batch // group_size
+        q = q.view(groups, group_size, heads, length, dim).transpose(1, 2).reshape(groups, heads, -1, dim)
+        out = self._attend(q, k, v, mask, False)[0]  # [G, n·L, H]
+        return out.view(groups, group_size, length, -1).flatten(0, 1)
+
+    def _attend(
+        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, need_probs: bool
+    ) -> tuple[Tensor, Tensor | None]:
         dropout_p = self.dropout_p if self.training else 0.0
         probs = None
         if need_probs:
@@ -211,6 +284,10 @@ class Attention(nn.Module):
         attended, probs = self.self(hidden, context, mask, need_probs)
         return self.output(attended, hidden), probs
 
+    def forward_kv(self, hidden: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, group_size: int = 1) -> Tensor:
+        """The block with precomputed keys and values (cross-attention under K/V reuse)."""
+        return self.output(self.self.attend_kv(hidden, k, v, mask, group_size), hidden)
+
 
 class Intermediate(nn.Module):
     """FFN expansion with erf GELU."""
@@ -248,6 +325,22 @@ class StreamLayer(nn.Module):
                 raise RuntimeError("cross-attention requested in a layer that has no cross-attention block")
             hidden, _ = self.crossattention(hidden, encoder_hidden_states, encoder_mask)
         return self.output(self.intermediate(hidden), hidden), probs
+
+    def forward_kv(
+        self,
+        hidden: Tensor,
+        mask: Tensor | None,
+        k: Tensor,
+        v: Tensor,
+        kv_mask: Tensor | None,
+        group_size: int = 1,
+    ) -> Tensor:
+        """The layer with its cross-attention keys and values given (K/V reuse); numerically :meth:`forward`."""
+        if self.crossattention is None:
+            raise RuntimeError("cached image keys/values given to a layer that has no cross-attention block")
+        hidden, _ = self.attention(hidden, hidden, mask)
+        hidden = self.crossattention.forward_kv(hidden, k, v, kv_mask, group_size)
+        return self.output(self.intermediate(hidden), hidden)
 
 
 class StreamEncoder(nn.Module):
@@ -389,18 +482,7 @@ class SingleStreamTransformer(nn.Module):
         ``text_states`` (the text-mode output, e.g. cached for ITM negatives), or from ``input_ids`` by running the
         text layers first (MLM).
         """
-        if (input_ids is None) == (text_states is None):
-            raise ValueError("fuse needs exactly one of input_ids or text_states")
-        if self.single_stream:
-            if input_ids is None:
-                raise ValueError(
-                    "single-stream fuse starts from input_ids; text_states are only meaningful under an ALBEF split"
-                )
-            hidden = self.embed_ids(input_ids)
-        elif text_states is not None:
-            hidden = text_states
-        else:
-            hidden = self.encode_text(input_ids, attention_mask).last_hidden_state
+        hidden = self._fusion_start(attention_mask, input_ids, text_states)
         return self(
             hidden,
             attention_mask,
@@ -409,6 +491,100 @@ class SingleStreamTransformer(nn.Module):
             encoder_attention_mask=image_mask,
             attention_probs_layer=attention_probs_layer,
         )
+
+    def _fusion_start(
+        self, attention_mask: Tensor | None, input_ids: Tensor | None, text_states: Tensor | None
+    ) -> Tensor:
+        """The hidden states the first fusion layer reads: embedded ids (single stream), given text states, or the
+        text layers' output of the ids (ALBEF split)."""
+        if (input_ids is None) == (text_states is None):
+            raise ValueError("fuse needs exactly one of input_ids or text_states")
+        if self.single_stream:
+            if input_ids is None:
+                raise ValueError(
+                    "single-stream fuse starts from input_ids; text_states are only meaningful under an ALBEF split"
+                )
+            return self.embed_ids(input_ids)
+        if text_states is not None:
+            return text_states
+        return self.encode_text(input_ids, attention_mask).last_hidden_state
+
+    def precompute_image_kv(self, image_tokens: Tensor, image_mask: Tensor | None = None) -> ImageKV:
+        """Every fusion layer's cross-attention keys and values of ``image_tokens`` [N_img, P, encoder_width].
+
+        One projection per image and layer, instead of one per (image, caption) pair as :meth:`fuse` does; pass the
+        result to :meth:`fuse_cached`. ``image_mask`` [N_img, P] marks the tokens that may be attended (None: all).
+        Memory: ``2 × fusion layers × N_img × P × hidden_size`` elements in the dtype of the projections (bf16
+        under autocast).
+        """
+        if image_tokens.dim() != 3 or image_tokens.shape[-1] != self.config.encoder_width:
+            raise ValueError(
+                f"image_tokens must be [N_img, P, encoder_width={self.config.encoder_width}], "
+                f"got {tuple(image_tokens.shape)}"
+            )
+        if image_mask is not None and image_mask.shape != image_tokens.shape[:2]:
+            raise ValueError(
+                f"image_mask must have shape {tuple(image_tokens.shape[:2])}, got {tuple(image_mask.shape)}"
+            )
+        keys, values = [], []
+        for index in self.fusion_layers:
+            k, v = self.encoder.layer[index].crossattention.self.project_kv(image_tokens)
+            keys.append(k.contiguous())  # [N, heads, P, d] in memory: a gathered row is one contiguous block
+            values.append(v.contiguous())
+        mask = None if image_mask is None else image_mask.bool()
+        return ImageKV(tuple(keys), tuple(values), mask, self.fusion_layers.start)
+
+    def fuse_cached(
+        self,
+        attention_mask: Tensor | None,
+        image_kv: ImageKV,
+        image_index: Tensor | None = None,
+        *,
+        input_ids: Tensor | None = None,
+        text_states: Tensor | None = None,
+        group_size: int = 1,
+    ) -> StreamOutput:
+        """:meth:`fuse` with the images' keys and values precomputed: text row ``b`` attends image
+        ``image_index[b // group_size]``.
+
+        ``image_kv`` comes from :meth:`precompute_image_kv`; ``image_index`` [B / group_size] (long, on the cache's
+        device) picks the image of each text row (group of rows), so one call mixes pairs of many queries and an
+        image's K/V rows are gathered, never re-projected. None: row (group) ``g`` attends image ``g``. With
+        ``group_size`` n > 1 every n consecutive rows share one image: its keys and values are gathered once for the
+        n rows and their queries attend in one stacked sequence (docs/method.md §5.2). ``input_ids`` /
+        ``text_states`` as in :meth:`fuse` (under an ALBEF split, text states computed once per caption skip the
+        text layers). Equals :meth:`fuse` on ``image_tokens[image_index.repeat_interleave(group_size)]`` up to
+        floating-point rounding; no attention probabilities, no gradient checkpointing (an evaluation path).
+        """
+        layers = self.fusion_layers
+        if image_kv.first_layer != layers.start or len(image_kv.keys) != len(layers):
+            raise ValueError(
+                f"image_kv holds layers [{image_kv.first_layer}, {image_kv.first_layer + len(image_kv.keys)}), "
+                f"this stack fuses in layers [{layers.start}, {layers.stop}): recompute it with this stack"
+            )
+        hidden = self._fusion_start(attention_mask, input_ids, text_states)
+        batch, length, _ = hidden.shape
+        if group_size < 1 or batch % group_size:
+            raise ValueError(f"group_size must be >= 1 and divide the {batch} text rows, got {group_size}")
+        groups = batch // group_size
+        if image_index is None:
+            if image_kv.num_images != groups:
+                raise ValueError(
+                    f"without image_index the cache must hold one image per text row (group): {image_kv.num_images} "
+                    f"images, {groups} rows (groups)"
+                )
+        elif image_index.shape != (groups,):
+            raise ValueError(f"image_index must have shape {(groups,)}, got {tuple(image_index.shape)}")
+        mask = _key_mask(attention_mask, batch, length, "attention_mask")
+        kv_mask = image_kv.mask
+        if kv_mask is not None:
+            kv_mask = (kv_mask if image_index is None else kv_mask.index_select(0, image_index))[:, None, None, :]
+        for n, index in enumerate(layers):
+            k, v = image_kv.keys[n], image_kv.values[n]
+            if image_index is not None:  # one gather per layer: only one layer's rows are alive at a time
+                k, v = k.index_select(0, image_index), v.index_select(0, image_index)
+            hidden = self.encoder.layer[index].forward_kv(hidden, mask, k, v, kv_mask, group_size)
+        return StreamOutput(last_hidden_state=hidden)
 
     def encode_image_side(self, image_tokens: Tensor, text_embeds: Tensor, text_mask: Tensor | None) -> StreamOutput:
         """SIMLA image side: image tokens as inputs self-attend and cross-attend to the caption's input embeddings."""

@@ -47,6 +47,10 @@ class ITC(Objective):
         text_pooling: ``cls`` (the reference: the [CLS] state) or ``mean`` (masked mean of the token states).
             A randomly initialised post-LN text stack learns a discriminative [CLS] slowly, so the from-scratch tiny
             recipes use ``mean``; recipes starting from BERT keep ``cls``.
+        same_image_positives: retrieval fine-tuning targets (ALBEF's ``model_retrieval``): every candidate, in the
+            batch or in the queue, whose ``batch["image_ids"]`` entry equals the sample's is a positive, and each
+            target row is normalised to sum to 1. An ``image_id_queue`` buffer (-1: no image) is kept next to the
+            feature queues. Off in pretraining, whose batches carry no image ids (docs/method.md §2.1).
     """
 
     name = "itc"
@@ -64,6 +68,7 @@ class ITC(Objective):
         gather_features: bool = False,
         gather_with_grad: bool = False,
         text_pooling: Literal["cls", "mean"] = "cls",
+        same_image_positives: bool = False,
     ) -> None:
         super().__init__(weight)
         lo, hi = TEMPERATURE_RANGE
@@ -81,8 +86,10 @@ class ITC(Objective):
         self.distill = distill
         self.gather_features = gather_features
         self.gather_with_grad = gather_with_grad
+        self.same_image_positives = same_image_positives
         self.temp = nn.Parameter(torch.tensor(float(temperature)), requires_grad=learnable_temperature)
-        self._pending: list[tuple[Tensor, Tensor]] = []  # momentum features waiting for the next optimizer step
+        # momentum features (and image ids) waiting for the next optimizer step
+        self._pending: list[tuple[Tensor, Tensor, Tensor | None]] = []
         self._pending_mark = 0
 
     @classmethod
@@ -116,6 +123,8 @@ class ITC(Objective):
             self.register_buffer("image_queue", F.normalize(torch.randn(self.embed_dim, self.queue_size), dim=0))
             self.register_buffer("text_queue", F.normalize(torch.randn(self.embed_dim, self.queue_size), dim=0))
             self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+            if self.same_image_positives:  # -1: a slot holding no real sample (ids are >= 0)
+                self.register_buffer("image_id_queue", torch.full((self.queue_size,), -1, dtype=torch.long))
         super().build(spec)
 
     # -- features -----------------------------------------------------------------------------------------------
@@ -136,6 +145,15 @@ class ITC(Objective):
             pooled = (text_states * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
         return F.normalize(proj(pooled).float(), dim=-1)
 
+    def _batch_image_ids(self, ctx: StepContext) -> Tensor:
+        ids = ctx.batch.get("image_ids") if isinstance(ctx.batch, Mapping) else None
+        if ids is None:
+            raise KeyError(
+                "model.itc.same_image_positives needs batch['image_ids'] (one integer per sample): use a data module "
+                "that provides them, e.g. vlalign.datamodules.retrieval_finetune.RetrievalFinetuneDataModule"
+            )
+        return ids.long()
+
     def _gather(self, x: Tensor) -> Tensor:
         if not self.gather_features:
             return x
@@ -150,6 +168,10 @@ class ITC(Objective):
         batch = image_feat.shape[0]
         offset = rank() * batch if self.gather_features else 0
 
+        image_ids = self._batch_image_ids(ctx) if self.same_image_positives else None
+        id_bank = id_cands = None
+        if image_ids is not None:
+            id_bank = id_cands = self._gather(image_ids)
         image_feat_m = text_feat_m = None
         if self.uses_momentum:
             with torch.no_grad():
@@ -160,16 +182,23 @@ class ITC(Objective):
                 if self.queue_size > 0:
                     image_cands = torch.cat([image_bank, self.image_queue.t()], dim=0)
                     text_cands = torch.cat([text_bank, self.text_queue.t()], dim=0)
+                    if id_bank is not None:
+                        id_cands = torch.cat([id_bank, self.image_id_queue])
                     if not self.gather_features:  # the queues take every rank's features all the same
                         image_bank, text_bank = all_gather_no_grad(image_feat_m), all_gather_no_grad(text_feat_m)
+                        if image_ids is not None:
+                            id_bank = all_gather_no_grad(image_ids)
             if self.queue_size > 0:
-                self._pending.append((image_bank, text_bank))
+                self._pending.append((image_bank, text_bank, id_bank))
         else:
             image_cands, text_cands = self._gather(image_feat), self._gather(text_feat)
 
         sim_i2t = image_feat @ text_cands.t() / self.temp
         sim_t2i = text_feat @ image_cands.t() / self.temp
-        hard = positive_targets(batch, sim_i2t.shape[1], sim_i2t.device, offset)
+        if image_ids is not None and id_cands is not None:
+            hard = same_image_targets(image_ids, id_cands)
+        else:
+            hard = positive_targets(batch, sim_i2t.shape[1], sim_i2t.device, offset)
         targets_i2t = targets_t2i = hard
         if self.distill and ctx.alpha > 0:
             with torch.no_grad():
@@ -206,18 +235,38 @@ class ITC(Objective):
             return
         images = torch.cat([p[0] for p in self._pending])
         texts = torch.cat([p[1] for p in self._pending])
+        ids = [p[2] for p in self._pending]
+        image_ids = torch.cat(ids) if all(i is not None for i in ids) else None  # type: ignore[arg-type]
         self._pending.clear()
-        self.enqueue(images, texts)
+        self.enqueue(images, texts, image_ids)
 
     @torch.no_grad()
-    def enqueue(self, image_feat: Tensor, text_feat: Tensor) -> None:
+    def enqueue(self, image_feat: Tensor, text_feat: Tensor, image_ids: Tensor | None = None) -> None:
+        """Write features (and, with ``same_image_positives``, their image ids) at the ring buffer's pointer."""
         n = image_feat.shape[0]
         if n > self.queue_size:  # only the newest queue_size features survive a write larger than the queue
             image_feat, text_feat = image_feat[-self.queue_size :], text_feat[-self.queue_size :]
+            image_ids = image_ids[-self.queue_size :] if image_ids is not None else None
             self.queue_ptr.add_(n - self.queue_size)
             n = self.queue_size
         idx = (self.queue_ptr + torch.arange(n, device=self.queue_ptr.device)) % self.queue_size
         # index_copy_, not `queue[:, idx] = ...`: writing through an index tensor syncs with the host on CUDA
         self.image_queue.index_copy_(1, idx, image_feat.t().to(self.image_queue.dtype))
         self.text_queue.index_copy_(1, idx, text_feat.t().to(self.text_queue.dtype))
+        id_queue = getattr(self, "image_id_queue", None)
+        if id_queue is not None:  # features written without ids belong to no image
+            ids = image_ids.to(id_queue) if image_ids is not None else torch.full_like(idx, -1)
+            id_queue.index_copy_(0, idx, ids)
         self.queue_ptr.copy_((self.queue_ptr + n) % self.queue_size)
+
+
+def same_image_targets(image_ids: Tensor, candidate_ids: Tensor) -> Tensor:
+    """Contrastive targets with every candidate of the sample's image as a positive, rows summing to 1.
+
+    ``image_ids`` [B] are the samples' image ids, ``candidate_ids`` [C] the ids of the candidates (the current
+    batch, gathered or not, then the queue; -1 marks a queue slot without an image). Row ``b`` is uniform over the
+    candidates with ``candidate_ids == image_ids[b]``, as ALBEF's retrieval fine-tuning (``pos_idx / pos_idx.sum``).
+    Each sample is among its own candidates, so no row is empty.
+    """
+    positives = (image_ids[:, None] == candidate_ids[None, :]).float()
+    return positives / positives.sum(dim=1, keepdim=True).clamp_min(1.0)

@@ -12,7 +12,6 @@ decisions out); :mod:`vlalign.cli.train` applies them to the parsed configuratio
 
 from __future__ import annotations
 
-import importlib
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -25,6 +24,7 @@ from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 
 from vlalign.errors import ConfigError
+from vlalign.utils.classes import resolve_class
 
 __all__ = [
     "LAST_CHECKPOINT",
@@ -101,19 +101,8 @@ def _version_of_folder(name: str) -> int | str:
     return int(match.group(1)) if match else name
 
 
-def _class(class_path: Any) -> type | None:
-    if not isinstance(class_path, str) or "." not in class_path:
-        return None
-    module, _, name = class_path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError):
-        return None
-    return cls if isinstance(cls, type) else None
-
-
 def _is_subclass(entry: Any, base: type) -> bool:
-    cls = _class(entry.get("class_path")) if isinstance(entry, Mapping) else None
+    cls = resolve_class(entry.get("class_path")) if isinstance(entry, Mapping) else None
     return cls is not None and issubclass(cls, base)
 
 
