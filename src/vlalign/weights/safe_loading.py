@@ -168,7 +168,7 @@ def load_init_weights(
 
     result = model.load_state_dict(state, strict=False)
     missing = list(result.missing_keys)
-    # The reference copies online -> momentum before loading a checkpoint without teachers (method note 8.2.5),
+    # The reference copies online -> momentum before loading a checkpoint without teachers (docs/differences.md row 18),
     # leaving a random teacher; here a missing twin tensor is filled from its online counterpart after loading.
     online = model.state_dict()
     with torch.no_grad():
