@@ -423,6 +423,8 @@ class RetrievalTask(L.LightningModule):
                     sims,
                     self.k_test,
                     self.itm_batch_size,
+                    rank=self.global_rank,  # every rank holds the gathered inputs: each fuses its share of the pairs
+                    world_size=self.trainer.world_size,
                 )
             results.update(
                 {
