@@ -24,9 +24,8 @@ def synth_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture()
-def cli_data_args(synth_data: Path, tmp_path: Path) -> list[str]:
-    """Overrides that point a tiny config at the session's synthetic data and keep runs small and quiet."""
+def data_args(synth_data: Path, root: Path) -> list[str]:
+    """Overrides that point a tiny config at the session's synthetic data, write under ``root`` and stay quiet."""
     return [
         "--data.init_args.tokenizer", str(synth_data / "tokenizer"),
         "--data.init_args.train_shards", str(synth_data / "shards" / "train" / "{000000..000001}.tar"),
@@ -36,7 +35,28 @@ def cli_data_args(synth_data: Path, tmp_path: Path) -> list[str]:
         "--data.init_args.eval_batch_size", "8",
         "--data.init_args.num_workers", "0",
         "--data.init_args.shuffle_buffer", "16",
-        "--trainer.default_root_dir", str(tmp_path),
-        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+        "--trainer.default_root_dir", str(root),
+        "--trainer.logger.init_args.save_dir", str(root / "runs"),
         "--trainer.enable_progress_bar", "false",
     ]  # fmt: skip
+
+
+@pytest.fixture()
+def cli_data_args(synth_data: Path, tmp_path: Path) -> list[str]:
+    """Overrides that point a tiny config at the session's synthetic data and keep runs small and quiet."""
+    return data_args(synth_data, tmp_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_trained(synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A tiny ITC + ITM model trained 3 steps through `vlalign fit`, once per session: the in-memory module
+    (``model``) and its ``last.ckpt`` (``ckpt``) under ``root``."""
+    from vlalign.cli.train import run_training_cli
+
+    root = tmp_path_factory.mktemp("trained")
+    cli = run_training_cli([
+        "fit", "--config", str(CONFIGS / "pretrain" / "tiny.yaml"), *data_args(synth_data, root),
+        "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0", "--model.stream.num_layers", "2",
+    ])  # fmt: skip
+    (ckpt,) = sorted(root.rglob("last.ckpt"))
+    return {"model": cli.model.cpu().eval(), "ckpt": ckpt, "root": root}

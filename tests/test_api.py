@@ -38,35 +38,11 @@ CAPTIONS = [
 
 # -- fixtures ------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def trained(synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """A tiny ITC + ITM model trained 3 steps through `vlalign fit`: the in-memory module and its last.ckpt."""
-    from vlalign.cli.train import run_training_cli
-
-    root = tmp_path_factory.mktemp("trained")
-    cli = run_training_cli(
-        [
-            "fit",
-            "--config", str(CONFIGS / "pretrain" / "tiny.yaml"),
-            "--data.init_args.tokenizer", str(synth_data / "tokenizer"),
-            "--data.init_args.train_shards", str(synth_data / "shards" / "train" / "{000000..000001}.tar"),
-            "--data.init_args.val_retrieval", str(synth_data / "retrieval_val.json"),
-            "--data.init_args.test_retrieval", str(synth_data / "retrieval_test.json"),
-            "--data.init_args.batch_size", "8",
-            "--data.init_args.eval_batch_size", "8",
-            "--data.init_args.num_workers", "0",
-            "--data.init_args.shuffle_buffer", "16",
-            "--trainer.default_root_dir", str(root),
-            "--trainer.logger.init_args.save_dir", str(root / "runs"),
-            "--trainer.enable_progress_bar", "false",
-            "--trainer.max_steps", "3",
-            "--trainer.limit_val_batches", "0",
-            "--model.stream.num_layers", "2",
-        ]
-    )  # fmt: skip
-    (ckpt,) = sorted(root.rglob("last.ckpt"))
-    recipe = cli.model.cpu().eval()
+def trained(synth_data: Path, tiny_trained: dict[str, Any]) -> dict[str, Any]:
+    """The session's tiny trained model (conftest): the in-memory module, its last.ckpt, a few test images."""
     images = sorted((synth_data / "images" / "test").glob("*.jpg"))[:5]
-    return {"recipe": recipe, "ckpt": ckpt, "root": root, "images": images, "data": synth_data}
+    return {"recipe": tiny_trained["model"], "ckpt": tiny_trained["ckpt"], "root": tiny_trained["root"],
+            "images": images, "data": synth_data}  # fmt: skip
 
 
 @pytest.fixture(scope="module")

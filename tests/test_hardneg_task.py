@@ -32,32 +32,9 @@ SHAPES = {"circle", "square", "triangle", "star"}
 
 # -- fixtures --------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def trained(synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """last.ckpt of a tiny ITC + ITM model trained 3 steps through the training CLI (as tests/test_api.py)."""
-    from vlalign.cli.train import run_training_cli
-
-    root = tmp_path_factory.mktemp("hardneg_trained")
-    run_training_cli(
-        [
-            "fit",
-            "--config", str(CONFIGS / "pretrain" / "tiny.yaml"),
-            "--data.init_args.tokenizer", str(synth_data / "tokenizer"),
-            "--data.init_args.train_shards", str(synth_data / "shards" / "train" / "{000000..000001}.tar"),
-            "--data.init_args.val_retrieval", str(synth_data / "retrieval_val.json"),
-            "--data.init_args.test_retrieval", str(synth_data / "retrieval_test.json"),
-            "--data.init_args.batch_size", "8",
-            "--data.init_args.num_workers", "0",
-            "--data.init_args.shuffle_buffer", "16",
-            "--trainer.default_root_dir", str(root),
-            "--trainer.logger.init_args.save_dir", str(root / "runs"),
-            "--trainer.enable_progress_bar", "false",
-            "--trainer.max_steps", "3",
-            "--trainer.limit_val_batches", "0",
-            "--model.stream.num_layers", "2",
-        ]
-    )  # fmt: skip
-    (ckpt,) = sorted(root.rglob("last.ckpt"))
-    return ckpt
+def trained(tiny_trained: dict[str, Any]) -> Path:
+    """last.ckpt of the session's tiny ITC + ITM model trained 3 steps through the training CLI (conftest)."""
+    return tiny_trained["ckpt"]
 
 
 @pytest.fixture(scope="module")
