@@ -26,10 +26,12 @@ other file, and the same seed writes the same bytes.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import io
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +100,38 @@ class Scene:
 
 
 @dataclass(frozen=True)
+class SceneRecord:
+    """One written image with the scene it shows: what the downstream-task writers build their files from."""
+
+    key: str
+    split: str
+    image: str  # path relative to the dataset root, e.g. "images/test/000000042.jpg"
+    scene: Scene
+    captions: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TaskFilesInput:
+    """What :func:`write_synthetic` hands each downstream-task writer (:data:`TASK_WRITERS`)."""
+
+    root: Path
+    image_size: int
+    seed: int
+    records: dict[str, list[SceneRecord]]  # split -> the images of that split, in key order
+
+
+#: Modules whose ``write_task_files(TaskFilesInput) -> dict[str, Path]`` add downstream-task annotation files
+#: (VQA, NLVR2, SNLI-VE, grounding) in the public layouts; a module that does not exist is skipped. Each draws from
+#: its own random stream, so adding one changes no other file.
+TASK_WRITERS: tuple[str, ...] = (
+    "vlalign.data.synth_vqa",
+    "vlalign.data.synth_nlvr2",
+    "vlalign.data.synth_snli_ve",
+    "vlalign.data.synth_grounding",
+)
+
+
+@dataclass(frozen=True)
 class SynthSummary:
     """Where :func:`write_synthetic` put everything, and how much of it there is."""
 
@@ -113,6 +147,7 @@ class SynthSummary:
     num_captions: dict[str, int]
     image_size: int
     samples_per_shard: int
+    task_files: dict[str, Path] = field(default_factory=dict)  # file name -> path, from :data:`TASK_WRITERS`
 
     def shard_urls(self, split: str) -> str:
         """Brace-expanded shard list for WebDataset, e.g. ``.../train/{000000..000003}.tar``."""
@@ -363,7 +398,7 @@ def write_synthetic(
     counts = dict(zip(SPLITS, (num_train, num_val, num_test), strict=True))
     shards: dict[str, list[Path]] = {}
     records: dict[str, list[tuple[str, list[str]]]] = {}
-    scenes: dict[str, list[Scene]] = {split: [] for split in HARDNEG_SPLITS}
+    scenes: dict[str, list[Scene]] = {split: [] for split in SPLITS}
     next_key = 0
     with tqdm(total=sum(counts.values()), desc="synthetic data", unit="img", disable=not progress) as bar:
         for split in SPLITS:
@@ -404,8 +439,7 @@ def write_synthetic(
                     }
                 )
                 records[split].append((key, captions))
-                if split in scenes:
-                    scenes[split].append(scene)
+                scenes[split].append(scene)
                 bar.update(1)
             if tar is not None:
                 tar.close()
@@ -430,6 +464,23 @@ def write_synthetic(
             positive, negatives = hard_negatives(scene, np.random.default_rng([seed, _HARDNEG_STREAM, int(key)]))
             hardneg.append({"image": f"images/{split}/{key}.jpg", "positive": positive, "negatives": negatives})
         hardneg_json[split].write_text(json.dumps(hardneg, indent=1))
+
+    task_input = TaskFilesInput(
+        root=root,
+        image_size=image_size,
+        seed=seed,
+        records={
+            split: [
+                SceneRecord(key, split, f"images/{split}/{key}.jpg", scene, tuple(caps))
+                for (key, caps), scene in zip(records[split], scenes[split], strict=True)
+            ]
+            for split in SPLITS
+        },
+    )
+    task_files: dict[str, Path] = {}
+    for module in TASK_WRITERS:
+        if importlib.util.find_spec(module) is not None:
+            task_files.update(importlib.import_module(module).write_task_files(task_input))
 
     train_captions = [caption for _, caps in records["train"] for caption in caps]
     tokenizer_dir = train_wordpiece(train_captions, root / "tokenizer", vocab_size=tokenizer_vocab_size)
@@ -457,4 +508,5 @@ def write_synthetic(
         num_captions=num_captions,
         image_size=image_size,
         samples_per_shard=samples_per_shard,
+        task_files=task_files,
     )

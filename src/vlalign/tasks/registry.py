@@ -31,7 +31,14 @@ __all__ = [
 ]
 
 #: Modules that register vlalign's own tasks; one that does not exist (yet) is skipped.
-BUILTIN_TASK_MODULES: tuple[str, ...] = ("vlalign.tasks.retrieval", "vlalign.tasks.hardneg")
+BUILTIN_TASK_MODULES: tuple[str, ...] = (
+    "vlalign.tasks.retrieval",
+    "vlalign.tasks.hardneg",
+    "vlalign.tasks.vqa",
+    "vlalign.tasks.nlvr2",
+    "vlalign.tasks.snli_ve",
+    "vlalign.tasks.grounding",
+)
 #: Where default task configs live (a source checkout's ``configs/finetune``).
 CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs" / "finetune"
 #: ``name -> (module that registers it, description, trains)`` of the built-in tasks, for ``vlalign --help`` without
@@ -46,6 +53,26 @@ TASK_SUMMARIES: dict[str, tuple[str, str, bool]] = {
         "vlalign.tasks.hardneg",
         "hard-negative captions (colour, shape, relation, binding swaps): ITM / ITC accuracy per edit type",
         False,
+    ),
+    "vqa": (
+        "vlalign.tasks.vqa",
+        "visual question answering (VQA v2 layout): answer decoder, answer-list ranking, official VQA accuracy",
+        True,
+    ),
+    "nlvr2": (
+        "vlalign.tasks.nlvr2",
+        "NLVR2: is a statement true of a pair of images; two-image fusion, accuracy on dev / test-P",
+        True,
+    ),
+    "snli_ve": (
+        "vlalign.tasks.snli_ve",
+        "SNLI-VE visual entailment: entailment / neutral / contradiction from an image premise; accuracy",
+        True,
+    ),
+    "grounding": (
+        "vlalign.tasks.grounding",
+        "weakly-supervised grounding (RefCOCO+ with proposals): Grad-CAM on cross-attention, accuracy at IoU >= 0.5",
+        True,
     ),
 }
 
