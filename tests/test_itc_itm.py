@@ -218,6 +218,60 @@ def test_itm_loss_and_batched_negative_pass_match_hand_computation() -> None:
     assert out.loss.item() == pytest.approx(expected / (3 * batch), rel=1e-5)
 
 
+def _itm_ctx(batch: int, sim: torch.Tensor) -> SimpleNamespace:
+    return SimpleNamespace(
+        published={"itc": {"sim_i2t": sim, "sim_t2i": sim}},
+        same_image=None,
+        image_tokens=torch.randn(batch, 3, WIDTH),
+        input_ids=torch.arange(batch * 5).view(batch, 5),
+        attention_mask=torch.ones(batch, 5, dtype=torch.long),
+        single_stream=True,
+        fuse=_RecordingFusion(WIDTH),
+    )
+
+
+def test_itm_hard_negative_curriculum_ramps_from_uniform_to_itc_softmax() -> None:
+    """beta = steps / warm-up, clamped at 1; negatives drawn from softmax(beta * sim): uniform at step 0."""
+    batch, draws = 4, 2400
+    itm = ITM(hard_negatives_warmup_steps=4)
+    itm.build(_spec(momentum=False))
+    sim = torch.tensor([[0.0, 8.0, 0.0, 0.0]] * batch)  # column 1 is by far the hardest negative of every row
+    sim[1] = torch.tensor([8.0, 0.0, 0.0, 0.0])
+
+    def share_of_hardest() -> tuple[float, torch.Tensor]:
+        torch.manual_seed(0)
+        hits = 0
+        for _ in range(draws // batch):
+            out = itm(_itm_ctx(batch, sim))
+            hits += int((out.publish["negative_image"][[0, 2, 3]] == 1).sum())
+        return hits / (draws // batch * 3), out.logs["hardness"]
+
+    share, beta = share_of_hardest()
+    assert float(beta) == 0.0
+    assert share == pytest.approx(1 / 3, abs=0.045), "step 0: uniform over the three other images"
+    for _ in range(2):
+        itm.after_optimizer_step()
+    share, beta = share_of_hardest()
+    expected = math.exp(4.0) / (math.exp(4.0) + 2)  # softmax(0.5 * sim) over the three allowed columns
+    assert float(beta) == 0.5 and share == pytest.approx(expected, abs=0.045)
+    for _ in range(10):
+        itm.after_optimizer_step()
+    assert float(itm.hardness()) == 1.0, "the ramp ends at the reference's softmax(sim)"
+
+    restored = ITM(hard_negatives_warmup_steps=4)  # the step count is a buffer: a resumed run continues the ramp
+    restored.build(_spec(momentum=False))
+    restored.load_state_dict(itm.state_dict())
+    assert int(restored.negatives_step) == 12 and float(restored.hardness()) == 1.0
+
+
+def test_itm_without_curriculum_has_no_step_buffer_and_rejects_negative_warmup() -> None:
+    itm = ITM()
+    itm.build(_spec(momentum=False))
+    assert itm.hardness() is None and "negatives_step" not in itm.state_dict()
+    with pytest.raises(ValueError, match="model.itm.hard_negatives_warmup_steps"):
+        ITM(hard_negatives_warmup_steps=-1)
+
+
 def test_recipe_slot_requirements_fail_before_training() -> None:
     from vlalign.tasks.pretrain import PretrainRecipe
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from vlalign.objectives.base import BuildSpec, Objective, ObjectiveOutput, register_objective
 from vlalign.objectives.functional import sample_hard_negatives
@@ -37,19 +37,37 @@ class ITM(Objective):
         negatives: ``hard`` (mined from ITC similarities, needs ``itc``) or ``random`` (uniform over the other
             samples of the batch; what an ablation without ITC uses).
         global_negatives: draw negatives from all ranks' samples instead of the local batch.
+        hard_negatives_warmup_steps: a curriculum for hard negatives: over this many optimizer steps the sampling
+            weights go from uniform (random negatives) to the reference's ``softmax`` of ITC's similarities, as
+            ``softmax(beta * sim)`` with ``beta`` ramping linearly from 0 to 1 (0: hard from the first step, the
+            reference). From scratch, hard negatives become hard (ITC learns) before the fusion layers have learnt to
+            look at the image, and ITM then stays at its prior (docs/toy_ablation.md). The step count is a buffer of
+            this module (``negatives_step``), saved in checkpoints, so a resumed run continues the ramp.
     """
 
     name = "itm"
     requires = ("itc",)
 
     def __init__(
-        self, weight: float = 1.0, negatives: Literal["hard", "random"] = "hard", global_negatives: bool = False
+        self,
+        weight: float = 1.0,
+        negatives: Literal["hard", "random"] = "hard",
+        global_negatives: bool = False,
+        hard_negatives_warmup_steps: int = 0,
     ) -> None:
         super().__init__(weight)
         if negatives not in ("hard", "random"):
             raise ValueError(f"model.itm.negatives must be 'hard' or 'random', got {negatives!r}")
+        if hard_negatives_warmup_steps < 0:
+            raise ValueError(
+                f"model.itm.hard_negatives_warmup_steps must be >= 0 (0: hard negatives from the first step), got "
+                f"{hard_negatives_warmup_steps}"
+            )
         self.negatives = negatives
         self.global_negatives = global_negatives
+        self.hard_negatives_warmup_steps = hard_negatives_warmup_steps
+        if hard_negatives_warmup_steps and negatives == "hard":
+            self.register_buffer("negatives_step", torch.zeros((), dtype=torch.long))
 
     @classmethod
     def required_for(cls, settings: Mapping[str, Any]) -> tuple[str, ...]:
@@ -64,12 +82,27 @@ class ITM(Objective):
         self.pad_token_id = spec.vocab.pad_token_id
         super().build(spec)
 
+    def hardness(self) -> Tensor | None:
+        """``beta`` of the hard-negative curriculum (a 0-dim tensor on the device, no host read), or None without
+        one."""
+        if not hasattr(self, "negatives_step"):
+            return None
+        return (self.negatives_step.float() / self.hard_negatives_warmup_steps).clamp(max=1.0)
+
+    def _sharpen(self, *sims: Tensor) -> tuple[Tensor, ...]:
+        beta = self.hardness()
+        return sims if beta is None else tuple(beta * sim for sim in sims)
+
+    def after_optimizer_step(self) -> None:
+        if hasattr(self, "negatives_step"):
+            self.negatives_step += 1
+
     def forward(self, ctx: StepContext) -> ObjectiveOutput:
         if self.global_negatives and world_size() > 1:
             return self._forward_global(ctx)
         if self.negatives == "hard":
             itc = ctx.published["itc"]
-            sim_t2i, sim_i2t = itc["sim_t2i"], itc["sim_i2t"]
+            sim_t2i, sim_i2t = self._sharpen(itc["sim_t2i"], itc["sim_i2t"])
         else:  # equal similarities: uniform over the allowed samples
             n = ctx.input_ids.shape[0]
             sim_t2i = sim_i2t = torch.zeros(n, n, device=ctx.input_ids.device)
@@ -99,6 +132,7 @@ class ITM(Objective):
             sim_t2i, sim_i2t = itc["sim_t2i_global"], itc["sim_i2t_global"]
             if sim_t2i.shape[1] != total:
                 raise ValueError("model.itm.global_negatives with hard negatives needs model.itc.gather_features: true")
+            sim_t2i, sim_i2t = self._sharpen(sim_t2i, sim_i2t)
         else:
             sim_t2i = sim_i2t = torch.zeros(batch, total, device=device)
         rows = torch.arange(batch, device=device)[:, None] + offset
@@ -132,7 +166,11 @@ class ITM(Objective):
         labels = torch.cat([torch.ones(batch, device=logits.device), torch.zeros(2 * batch, device=logits.device)])
         loss = F.cross_entropy(logits, labels.long())
         accuracy = (logits.argmax(-1) == labels).float().mean()
-        return ObjectiveOutput(loss=loss, logs={"accuracy": accuracy.detach()}, publish=publish)
+        logs = {"accuracy": accuracy.detach()}
+        beta = self.hardness()
+        if beta is not None:
+            logs["hardness"] = beta
+        return ObjectiveOutput(loss=loss, logs=logs, publish=publish)
 
 
 def _pad(x: torch.Tensor, length: int, value: float) -> torch.Tensor:
