@@ -124,8 +124,10 @@ def test_deterministic_under_seed_byte_for_byte_tokenizer_included(tmp_path: Pat
     reference = _digest(synth.root)
     tokenizer_files = [name for name in reference if name.startswith("tokenizer/")]
     assert "tokenizer/tokenizer.json" in tokenizer_files
-    # images, shards, retrieval JSONs, hard-negative JSONs, README
-    assert len(reference) == 60 + 4 + 3 + 2 + 1 + len(tokenizer_files)
+    # images, shards, retrieval JSONs, hard-negative JSONs, README, downstream-task files
+    task_files = {str(path.relative_to(synth.root)) for path in synth.task_files.values()}
+    assert task_files <= reference.keys()
+    assert len(reference) == 60 + 4 + 3 + 2 + 1 + len(tokenizer_files) + len(task_files)
     assert {"hardneg_val.json", "hardneg_test.json"} <= reference.keys()
     assert _digest(again.root) == reference
 

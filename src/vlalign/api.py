@@ -350,6 +350,16 @@ class VisionLanguageModel(nn.Module):
                 done += count
         return scores
 
+    def heatmap(self, image: ImageInput | Tensor, text: str, layer: int | None = None) -> Tensor:
+        """Where ``text`` grounds in ``image``: Grad-CAM of the ITM match score on stream layer ``layer``'s
+        cross-attention, upsampled to the image, ``[H, W]`` float32 on the CPU (``[S, S]`` for a preprocessed
+        ``[3, S, S]`` tensor). ``layer``: None, two thirds up the stack (8 of 12); negative counts from the top.
+        Save it over the image with ``vlalign.evaluation.grounding.save_heatmap(image, heat, "heat.png")``;
+        the method: :func:`vlalign.evaluation.grounding.model_heatmap`."""
+        from vlalign.evaluation.grounding import model_heatmap
+
+        return model_heatmap(self, image, text, layer)
+
     def extra_repr(self) -> str:
         return f"source={self.source!r}, image_size={self.preprocessing.image_size}"
 
