@@ -34,6 +34,10 @@ Downstream tasks (`vlalign finetune <task> --help` lists every option of a task)
   evaluate   test any model (.ckpt, exported folder, converted .safetensors) on a task; --split val|test, --out DIR:
              vlalign evaluate retrieval --model MODEL --config configs/finetune/retrieval_coco.yaml
 {tasks}
+Experiments:
+  sweep      ablation sweep: variants x seeds, one run after another, then results.csv / results.md / plots:
+             vlalign sweep --config configs/sweeps/toy_ablation.yaml [--quick] [--dry_run] [--launcher slurm]
+
 Tools:
   data synth      write synthetic image-caption data (shards, JSON lists, tokenizer)
   data convert    convert an ALBEF-style JSON caption list into WebDataset shards
@@ -114,6 +118,10 @@ def _run(args: list[str]) -> int:
 
         run_task_command(command, args[1:])
         return 0
+    if command == "sweep":
+        from vlalign.cli.sweep import sweep_command
+
+        return sweep_command(args[1:])
     tools = _tools()
     if command in tools:
         tools[command](args[1:])
