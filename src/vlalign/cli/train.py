@@ -39,6 +39,7 @@ PREEMPTION_CHECKPOINT = "vlalign.training.fault_tolerance.PreemptionCheckpoint"
 ATOMIC_CHECKPOINT_IO = "vlalign.training.fault_tolerance.AtomicCheckpointIO"
 LAST_CHECKPOINT = "vlalign.training.run_folder.LastCheckpoint"
 DATA_QUALITY_MONITOR = "vlalign.training.data_quality.DataQualityMonitor"
+OBJECTIVE_COST_MONITOR = "vlalign.training.objective_cost.ObjectiveCostMonitor"
 
 
 class VlalignCLI(LightningCLI):
@@ -169,6 +170,8 @@ def add_run_machinery(trainer: Namespace) -> None:
     - :class:`~vlalign.training.fault_tolerance.PreemptionCheckpoint`: SIGTERM / SIGUSR1 save ``last.ckpt`` and
       exit 143 / 138 (a configured one without ``filename`` also saves ``last.ckpt``).
     - :class:`~vlalign.training.data_quality.DataQualityMonitor`: skipped samples logged per reason and per epoch.
+    - :class:`~vlalign.training.objective_cost.ObjectiveCostMonitor`: per-objective time and memory, one batch in
+      10 (list one with ``init_args: {every_n_steps: N}`` to change that; 0 turns it off).
     - :class:`~vlalign.training.fault_tolerance.AtomicCheckpointIO`, unless another checkpoint IO plugin is set.
     """
     from lightning.fabric.plugins import CheckpointIO
@@ -176,6 +179,7 @@ def add_run_machinery(trainer: Namespace) -> None:
 
     from vlalign.training.data_quality import DataQualityMonitor
     from vlalign.training.fault_tolerance import PreemptionCheckpoint
+    from vlalign.training.objective_cost import ObjectiveCostMonitor
     from vlalign.training.run_folder import LastCheckpoint
 
     callbacks = _entries(trainer.get("callbacks"))
@@ -197,6 +201,8 @@ def add_run_machinery(trainer: Namespace) -> None:
         callbacks.append(Namespace(class_path=PREEMPTION_CHECKPOINT, init_args=Namespace(filename="last")))
     if not any(_is_a(c, DataQualityMonitor) for c in callbacks):
         callbacks.append(Namespace(class_path=DATA_QUALITY_MONITOR))
+    if not any(_is_a(c, ObjectiveCostMonitor) for c in callbacks):
+        callbacks.append(Namespace(class_path=OBJECTIVE_COST_MONITOR))
     trainer.callbacks = callbacks
     plugins = _entries(trainer.get("plugins"))
     if not any(_is_a(p, CheckpointIO) for p in plugins):

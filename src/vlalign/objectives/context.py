@@ -7,8 +7,9 @@ sees the :class:`~vlalign.models.backbone.Backbone` and the batch, never the Lig
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
 from torch import Tensor
@@ -16,6 +17,15 @@ from torch import Tensor
 if TYPE_CHECKING:
     from vlalign.models.backbone import Backbone
     from vlalign.models.stream import StreamOutput
+
+T = TypeVar("T")
+
+
+class SharedFeatureMeter(Protocol):
+    """Runs the computation of a shared feature on a measured step (``vlalign.training.objective_cost``), so its
+    cost is booked to the shared passes rather than to the objective that asked for it first."""
+
+    def shared(self, compute: Callable[[], T]) -> T: ...
 
 
 class StepContext:
@@ -28,10 +38,20 @@ class StepContext:
         alpha: the distillation weight of this step (after its warm-up ramp).
         masked_images: whether an enabled objective reads masked image tokens; the clean and masked views then go
             through the ViT as one batch.
+        shared_meter: on a step whose cost is measured, the meter each shared feature is computed through; None
+            (every other step) computes them directly.
     """
 
-    def __init__(self, backbone: Backbone, batch: dict[str, Any], alpha: float, masked_images: bool = False) -> None:
+    def __init__(
+        self,
+        backbone: Backbone,
+        batch: dict[str, Any],
+        alpha: float,
+        masked_images: bool = False,
+        shared_meter: SharedFeatureMeter | None = None,
+    ) -> None:
         self.backbone = backbone
+        self.shared_meter = shared_meter
         self.batch = batch
         self.alpha = alpha
         self.masked_images = masked_images
@@ -55,14 +75,17 @@ class StepContext:
         mask = self.patch_mask if self.masked_images else None
         return self.backbone.encode_images(self.batch["image"], mask, momentum=momentum)
 
+    def _shared(self, compute: Callable[[], T]) -> T:
+        return compute() if self.shared_meter is None else self.shared_meter.shared(compute)
+
     @cached_property
     def _online_images(self) -> tuple[Tensor, Tensor | None]:
-        return self._images(momentum=False)
+        return self._shared(lambda: self._images(momentum=False))
 
     @cached_property
     def _momentum_images(self) -> tuple[Tensor, Tensor | None]:
         with torch.no_grad():
-            return self._images(momentum=True)
+            return self._shared(lambda: self._images(momentum=True))
 
     @property
     def image_tokens(self) -> Tensor:
@@ -83,12 +106,12 @@ class StepContext:
     # -- text ------------------------------------------------------------------------------------------------------
     @cached_property
     def text_states(self) -> Tensor:
-        return self.backbone.encode_text(self.input_ids, self.attention_mask)
+        return self._shared(lambda: self.backbone.encode_text(self.input_ids, self.attention_mask))
 
     @cached_property
     def text_states_m(self) -> Tensor:
         with torch.no_grad():
-            return self.backbone.encode_text(self.input_ids, self.attention_mask, momentum=True)
+            return self._shared(lambda: self.backbone.encode_text(self.input_ids, self.attention_mask, momentum=True))
 
     @cached_property
     def same_image(self) -> Tensor | None:

@@ -50,6 +50,7 @@ from vlalign.training.fault_tolerance import (
     prepare_checkpointing,
     restore_rng_states,
 )
+from vlalign.training.objective_cost import ObjectiveCostMeter
 from vlalign.utils.distributed import all_gather_variable
 from vlalign.weights.reading import torch_load_weights_only
 from vlalign.weights.safe_loading import (
@@ -185,6 +186,8 @@ class PretrainRecipe(L.LightningModule):
         self._rng_to_restore: dict[str, Any] | None = None
         self._eval_store: dict[str, list[Tensor]] = defaultdict(list)
         self.preprocessing: Preprocessing | None = None  # from the data module at setup, or from a checkpoint
+        #: Per-objective cost accounting (set by ``ObjectiveCostMonitor``); used only on the steps it measures.
+        self.cost_meter: ObjectiveCostMeter | None = None
 
     # -- structure -------------------------------------------------------------------------------------------------
     def build_spec(self, momentum: bool) -> BuildSpec:
@@ -291,14 +294,17 @@ class PretrainRecipe(L.LightningModule):
         return self.alpha * min(1.0, self.global_step / self.alpha_warmup_steps)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
-        ctx = StepContext(self.backbone, batch, alpha=self.current_alpha(), masked_images=self.needs_masked_images)
+        meter = self.cost_meter if self.cost_meter is not None and self.cost_meter.active else None
+        ctx = StepContext(
+            self.backbone, batch, alpha=self.current_alpha(), masked_images=self.needs_masked_images, shared_meter=meter
+        )
         total: Tensor | None = None
         batch_size = batch["input_ids"].shape[0]
         losses: dict[str, Tensor] = {}
         for objective in self.objectives:
             objective.begin_step()
         for objective in self.objectives:
-            out = objective(ctx)
+            out = objective(ctx) if meter is None else meter.objective(objective, ctx)
             losses[objective.name] = out.loss
             ctx.published[objective.name] = out.publish
             weighted = objective.weight * out.loss
@@ -306,6 +312,8 @@ class PretrainRecipe(L.LightningModule):
             self.log(f"train/{objective.name}_loss", out.loss.detach(), prog_bar=True, batch_size=batch_size)
             for key, value in out.logs.items():
                 self.log(f"train/{objective.name}_{key}", value, batch_size=batch_size)
+        if meter is not None:
+            meter.forward_done(total)  # places the backward timing hooks
         self.log("train/loss", total.detach(), batch_size=batch_size)
         self.log("train/alpha", ctx.alpha, batch_size=batch_size)
         finite = self._nonfinite.is_finite(total, self._trainer)
