@@ -264,6 +264,33 @@ def test_itm_hard_negative_curriculum_ramps_from_uniform_to_itc_softmax() -> Non
     assert int(restored.negatives_step) == 12 and float(restored.hardness()) == 1.0
 
 
+def test_itm_curriculum_waits_until_running_accuracy_reaches_the_start_accuracy() -> None:
+    """With hard_negatives_start_accuracy the ramp advances only while the running accuracy (exponential average,
+    weight 0.05 per step) is at or above it; the average is updated from each real step's accuracy."""
+    itm = ITM(hard_negatives_warmup_steps=10, hard_negatives_start_accuracy=0.8)
+    itm.build(_spec(momentum=False))
+    running = 0.0
+    for _ in range(30):  # the all-"no match" prior: 2/3 correct
+        itm._last_accuracy = torch.tensor(2 / 3)
+        itm.after_optimizer_step()
+        running += 0.05 * (2 / 3 - running)
+    assert float(itm.running_accuracy) == pytest.approx(running, abs=1e-6)
+    assert int(itm.negatives_step) == 0 and float(itm.hardness()) == 0.0
+    steps_below = 0
+    while running < 0.8:  # now every step is right: the average climbs and crosses 0.8
+        itm._last_accuracy = torch.tensor(1.0)
+        itm.after_optimizer_step()
+        running += 0.05 * (1.0 - running)
+        steps_below += running < 0.8
+    assert int(itm.negatives_step) == 1, "the ramp starts on the step the average reaches the start accuracy"
+    for _ in range(20):
+        itm._last_accuracy = torch.tensor(1.0)
+        itm.after_optimizer_step()
+    assert float(itm.hardness()) == 1.0 and steps_below > 0
+    with pytest.raises(ValueError, match="needs model.itm.hard_negatives_warmup_steps"):
+        ITM(hard_negatives_start_accuracy=0.8)
+
+
 def test_itm_without_curriculum_has_no_step_buffer_and_rejects_negative_warmup() -> None:
     itm = ITM()
     itm.build(_spec(momentum=False))

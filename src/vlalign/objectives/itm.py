@@ -17,6 +17,9 @@ if TYPE_CHECKING:
     from vlalign.objectives.context import StepContext
 
 
+_RUNNING_WEIGHT = 0.05  # weight of the newest step in ITM's running training accuracy (about 20 steps)
+
+
 @register_objective
 class ITM(Objective):
     """Binary matched / not-matched classification on the fused [CLS] state (docs/method.md §2.2).
@@ -41,8 +44,14 @@ class ITM(Objective):
             weights go from uniform (random negatives) to the reference's ``softmax`` of ITC's similarities, as
             ``softmax(beta * sim)`` with ``beta`` ramping linearly from 0 to 1 (0: hard from the first step, the
             reference). From scratch, hard negatives become hard (ITC learns) before the fusion layers have learnt to
-            look at the image, and ITM then stays at its prior (docs/toy_ablation.md). The step count is a buffer of
-            this module (``negatives_step``), saved in checkpoints, so a resumed run continues the ramp.
+            look at the image, and ITM then stays at its prior (docs/toy_ablation.md).
+        hard_negatives_start_accuracy: the ramp advances only on steps where ITM's running training accuracy (an
+            exponential average over about 20 steps, kept on the device) is at least this; ``0`` advances it every
+            step. With ``0.8`` the negatives stay random until the fusion layers tell matches from random pairs
+            (the all-"no match" prior scores 0.667), whatever the budget: a from-scratch toy run waits a few hundred
+            steps, a run from pretrained encoders a few dozen. The ramp's progress and the running accuracy are
+            buffers of this module (``negatives_step``, ``running_accuracy``), saved in checkpoints, so a resumed run
+            continues the curriculum.
     """
 
     name = "itm"
@@ -54,6 +63,7 @@ class ITM(Objective):
         negatives: Literal["hard", "random"] = "hard",
         global_negatives: bool = False,
         hard_negatives_warmup_steps: int = 0,
+        hard_negatives_start_accuracy: float = 0.0,
     ) -> None:
         super().__init__(weight)
         if negatives not in ("hard", "random"):
@@ -63,11 +73,24 @@ class ITM(Objective):
                 f"model.itm.hard_negatives_warmup_steps must be >= 0 (0: hard negatives from the first step), got "
                 f"{hard_negatives_warmup_steps}"
             )
+        if not 0.0 <= hard_negatives_start_accuracy < 1.0:
+            raise ValueError(
+                f"model.itm.hard_negatives_start_accuracy must be in [0, 1) (0: the ramp starts at once), got "
+                f"{hard_negatives_start_accuracy}"
+            )
+        if hard_negatives_start_accuracy and not hard_negatives_warmup_steps:
+            raise ValueError(
+                "model.itm.hard_negatives_start_accuracy needs model.itm.hard_negatives_warmup_steps > 0 (the ramp it "
+                "starts)"
+            )
         self.negatives = negatives
         self.global_negatives = global_negatives
         self.hard_negatives_warmup_steps = hard_negatives_warmup_steps
+        self.hard_negatives_start_accuracy = hard_negatives_start_accuracy
+        self._last_accuracy: Tensor | None = None
         if hard_negatives_warmup_steps and negatives == "hard":
             self.register_buffer("negatives_step", torch.zeros((), dtype=torch.long))
+            self.register_buffer("running_accuracy", torch.zeros(()))
 
     @classmethod
     def required_for(cls, settings: Mapping[str, Any]) -> tuple[str, ...]:
@@ -94,7 +117,14 @@ class ITM(Objective):
         return sims if beta is None else tuple(beta * sim for sim in sims)
 
     def after_optimizer_step(self) -> None:
-        if hasattr(self, "negatives_step"):
+        if not hasattr(self, "negatives_step"):
+            return
+        if self._last_accuracy is not None:
+            self.running_accuracy.lerp_(self._last_accuracy.to(self.running_accuracy), _RUNNING_WEIGHT)
+            self._last_accuracy = None
+        if self.hard_negatives_start_accuracy:  # on the device: no host read of the accuracy
+            self.negatives_step += (self.running_accuracy >= self.hard_negatives_start_accuracy).long()
+        else:
             self.negatives_step += 1
 
     def forward(self, ctx: StepContext) -> ObjectiveOutput:
@@ -170,6 +200,7 @@ class ITM(Objective):
         beta = self.hardness()
         if beta is not None:
             logs["hardness"] = beta
+            self._last_accuracy = logs["accuracy"]
         return ObjectiveOutput(loss=loss, logs=logs, publish=publish)
 
 
