@@ -424,3 +424,286 @@ def test_slurm_launcher_runs_a_job_array_and_records_a_failed_run(tmp_path: Path
     (out / "results.csv").unlink()
     assert main(["sweep", "--config", str(spec), "--out", str(out), "--collect"]) == 1, "collect runs nothing"
     assert [row["status"] for row in read_rows(out)] == ["done", "failed"]
+
+
+# -- the warm-start stage ---------------------------------------------------------------------------------------------------
+#: A learning rate too small to move any weight of a float32 model that has trained (1e-30 is far below the spacing of
+#: float32 numbers near the weights' values): a run at this rate ends with the weights it started from.
+FROZEN = {"model.optim.lr": 1e-30, "model.optim.warmup_lr": 1e-30, "model.optim.min_lr": 1e-30}
+WARM_START = {"steps": 2, "objectives": {"itc": "on", "itm": "off"}}
+
+
+@pytest.fixture(scope="module")
+def warm_finished(synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One seed: an ITC-only warm start of 2 steps, then two one-step variants from its last.ckpt: ITC + ITM at a
+    learning rate that moves nothing (``frozen``: its weights stay the warm start's) and ITC only."""
+    root = tmp_path_factory.mktemp("warm")
+    spec = write_spec(
+        root / "spec.yaml",
+        data=data_section(synth_data),
+        warm_start=WARM_START,
+        variants={"frozen": {"overrides": FROZEN}, "itc": {"objectives": {"itm": "off"}}},
+        evaluate=[{"fit": {"tags": ["train/itc_loss"]}}],
+    )
+    out = root / "out"
+    recorder = Recorder()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runner, "run_process", recorder)
+        code = main(["sweep", "--config", str(spec), "--out", str(out)])
+    return {"spec": spec, "out": out, "code": code, "commands": recorder.commands}
+
+
+def _option(command: list[str], name: str) -> str | None:
+    return command[command.index(name) + 1] if name in command else None
+
+
+def test_warm_start_trains_once_and_each_variant_starts_from_its_last_ckpt(warm_finished: dict[str, Any]) -> None:
+    out, commands = warm_finished["out"], warm_finished["commands"]
+    assert warm_finished["code"] == 0
+    runs = out.resolve() / "runs"
+    folders = [_option(c, "--trainer.default_root_dir") for c in commands]
+    assert folders == [str(runs / "_warm_start" / "seed0"), str(runs / "frozen" / "seed0"), str(runs / "itc" / "seed0")]
+    warm = json.loads((runs / "_warm_start" / "seed0" / "status.json").read_text())
+    assert warm["status"] == "done" and warm["variant"] == "_warm_start" and warm["train"]["step"] == 2
+    checkpoint = warm["train"]["checkpoint"]
+    assert _option(commands[0], "--trainer.max_steps") == "2" and "--model.init_from" not in commands[0]
+    for command, variant in zip(commands[1:], ("frozen", "itc"), strict=True):
+        assert _option(command, "--model.init_from") == checkpoint and _option(command, "--trainer.max_steps") == "1"
+        status = json.loads((runs / variant / "seed0" / "status.json").read_text())
+        assert status["status"] == "done" and status["train"]["init_from"] == checkpoint
+        assert f"--model.init_from {checkpoint}" in status["train"]["command"]
+    config = yaml.safe_load(next((runs / "_warm_start" / "seed0" / "train").rglob("config.yaml")).read_text())
+    assert config["model"]["itm"] is None and config["model"]["itc"] is not None, "the warm start's objectives"
+
+
+def test_variant_starts_from_the_warm_starts_weights(warm_finished: dict[str, Any]) -> None:
+    """The frozen variant (ITC + ITM, nothing moves) ends with the warm start's online encoder and ITC weights; its ITM
+    head, which the ITC-only warm start has not, is its own."""
+    import torch
+
+    from vlalign.models.backbone import online_name
+    from vlalign.weights.safe_loading import allow_config_classes_in_checkpoints, load_state_dict_file
+
+    allow_config_classes_in_checkpoints()
+    runs = warm_finished["out"] / "runs"
+
+    def weights(folder: Path) -> dict[str, torch.Tensor]:
+        (path,) = folder.rglob("last.ckpt")
+        return load_state_dict_file(path)
+
+    warm, frozen, itc = (weights(runs / name / "seed0") for name in ("_warm_start", "frozen", "itc"))
+    parts = ("backbone.vision.", "backbone.stream.", "itc.")
+    online = [k for k in warm if k.startswith(parts) and online_name(k) is None and warm[k].is_floating_point()]
+    online = [k for k in online if "queue" not in k]  # the ITC queues are buffers, written on every step
+    assert len(online) > 50 and any(k.startswith("itc.") for k in online)
+    for key in online:
+        torch.testing.assert_close(frozen[key], warm[key], rtol=0, atol=1e-12, msg=key)
+    assert any(k.startswith("itm.") for k in frozen) and not any(k.startswith("itm.") for k in warm)
+    # the ITC-only variant trained one step at the base learning rate from the same weights: they moved
+    moved = max((itc[k] - warm[k]).abs().max().item() for k in online if k.startswith("backbone.vision."))
+    assert moved > 1e-7
+
+
+def test_warm_start_rows_are_in_the_csv_and_out_of_the_tables(warm_finished: dict[str, Any]) -> None:
+    out = warm_finished["out"]
+    rows = read_rows(out)
+    assert [(r["variant"], r["steps"], r["status"]) for r in rows] == [
+        ("_warm_start", "2", "done"), ("frozen", "1", "done"), ("itc", "1", "done")]  # fmt: skip
+    warm = rows[0]
+    assert warm["objectives"] == "itc" and float(warm["train_s"]) > 0 and float(warm["peak_rss_mb"]) > 50
+    assert float(warm["train_s_per_step"]) == pytest.approx(float(warm["train_s"]) / 2)
+    text = (out / "results.md").read_text()
+    (line,) = [line for line in text.splitlines() if line.startswith("Warm start:")]
+    minutes = float(warm["train_s"]) / 60
+    assert "objectives `itc` for 2 optimizer steps" in line and f"mean wall time {minutes:.1f} min; 1/1 done" in line
+    tables = [line for line in text.splitlines() if line.startswith("|")]
+    assert tables and not any("_warm_start" in line for line in tables), "no table row or column for the warm start"
+    assert any(line.startswith("| `train_s` |") for line in tables) and "## Runs not done" not in text
+    assert sorted(p.name for p in (out / "tensorboard").iterdir()) == ["frozen", "itc"]
+
+
+def test_second_invocation_skips_the_warm_start_and_the_variants(warm_finished: dict[str, Any]) -> None:
+    out = warm_finished["out"]
+    before = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.suffix in (".ckpt", ".json")}
+    recorder = Recorder()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runner, "run_process", recorder)
+        assert main(["sweep", "--config", str(warm_finished["spec"]), "--out", str(out)]) == 0
+    assert recorder.commands == [], "no process started"
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+
+
+def test_warm_start_mistakes_name_their_key(tmp_path: Path) -> None:
+    spec = write_spec(
+        tmp_path / "spec.yaml",
+        warm_start={"steps": 0, "objectives": {"itcc": "on"}, "overides": ["--model.momentum 0.9"]},
+        variants={"a": {"overrides": {"model.init_from": "x.ckpt"}}},
+        quick={"warm_start": {"step": 5}},
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_spec(spec)
+    message = str(caught.value)
+    for expected in (
+        "warm_start.objectives.itcc: unknown objective (did you mean 'itc'?); the objectives are: itc, itm, xmm, psl",
+        "warm_start.steps: expected the number of optimizer steps per run (an integer >= 1), got int 0",
+        "warm_start.overides: unknown key (did you mean 'overrides'?); the keys are: steps, objectives, overlays",
+        "variants.a.overrides: --model.init_from is set by the sweep when it has a warm_start:",
+        "quick.warm_start.step: unknown key (did you mean 'steps'?)",
+    ):
+        assert expected in message, expected
+    assert "(5 problems)" in message
+    spec = write_spec(tmp_path / "missing.yaml", warm_start={"objectives": {"itm": "off"}}, variants={"a": None},
+                      quick={"seeds": [1]})  # fmt: skip
+    with pytest.raises(ConfigError, match=r"warm_start\.steps: missing"):
+        load_spec(spec)
+    spec = write_spec(tmp_path / "orphan.yaml", variants={"a": None}, quick={"warm_start": {"steps": 3}})
+    with pytest.raises(ConfigError, match=r"quick\.warm_start: the spec has no warm_start: section"):
+        load_spec(spec)
+
+
+def test_unknown_objective_in_warm_start_is_rejected_before_anything_runs(
+    synth_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = write_spec(tmp_path / "spec.yaml", data=data_section(synth_data), variants={"a": None},
+                      warm_start={"steps": 2, "objectives": {"itx": "on"}})  # fmt: skip
+    out = tmp_path / "out"
+    assert main(["sweep", "--config", str(spec), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "warm_start.objectives.itx: unknown objective" in err and "the objectives are: itc, itm, xmm, psl" in err
+    assert not out.exists()
+
+
+def test_quick_warm_start_steps_and_the_fingerprint_chain(synth_data: Path, tmp_path: Path) -> None:
+    sections = {
+        "data": data_section(synth_data),
+        "seeds": [0, 1],
+        "variants": {"a": None, "b": {"objectives": {"itm": "off"}}},
+    }
+    spec_file = write_spec(tmp_path / "spec.yaml", warm_start={"steps": 6, "objectives": {"itm": "off"}},
+                           quick={"warm_start": {"steps": 3}}, **sections)  # fmt: skip
+    full, quick = load_spec(spec_file), load_spec(spec_file, quick=True)
+    assert (full.warm_start.steps, quick.warm_start.steps) == (6, 3)
+    assert quick.warm_start.objectives == full.warm_start.objectives == {"itm": None}, "quick merges, keeps the rest"
+    out = tmp_path / "out"
+    plans = build_plan(full, out)
+    assert [(p.variant, p.seed) for p in plans] == [("_warm_start", 0), ("_warm_start", 1), ("a", 0), ("a", 1),
+                                                    ("b", 0), ("b", 1)]  # fmt: skip
+    warm = {p.seed: p for p in plans[:2]}
+    assert all(_option(list(p.fit_args), "--trainer.max_steps") == "6" and not p.evaluations for p in warm.values())
+    for plan in plans[2:]:
+        assert (
+            plan.warm_start == warm[plan.seed]
+            and plan.warm_start.run_dir == out.resolve() / "runs" / "_warm_start" / f"seed{plan.seed}"
+        )
+        assert _option(plan.fit_command(init_from="w.ckpt"), "--model.init_from") == "w.ckpt"
+        with pytest.raises(ValueError, match="give its checkpoint"):
+            plan.fit_command()
+    quick_plans = build_plan(quick, out)
+    assert _option(list(quick_plans[0].fit_args), "--trainer.max_steps") == "3"
+    # a variant's own command is the same in both specs (quick changed only the warm start) but its fingerprint is not
+    assert plans[2].fit_args == quick_plans[2].fit_args and plans[2].fingerprint != quick_plans[2].fingerprint
+    plain = build_plan(load_spec(write_spec(tmp_path / "plain.yaml", **sections)), out)
+    assert plain[0].fit_args == plans[2].fit_args and plain[0].fingerprint != plans[2].fingerprint
+    assert all(p.warm_start is None for p in plain)
+
+
+def test_dry_run_prints_the_warm_start_commands(
+    synth_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = write_spec(tmp_path / "spec.yaml", seeds=[0, 1], data=data_section(synth_data), warm_start=WARM_START,
+                      variants={"a": None, "b": {"objectives": {"itm": "off"}}})  # fmt: skip
+    out = tmp_path / "out"
+    assert main(["sweep", "--config", str(spec), "--out", str(out), "--dry_run", "--only", "b"]) == 0
+    printed = capsys.readouterr().out
+    assert "4 runs (2 warm starts)" in printed and "warm start: 2 steps per seed" in printed and not out.exists()
+    fits = [line for line in printed.splitlines() if line.startswith("vlalign fit")]
+    assert len(fits) == 4 and "runs/a/" not in printed
+    for seed in (0, 1):
+        assert f"# warm start seed {seed} [pending]" in printed
+        (warm,) = [f for f in fits if f"/runs/_warm_start/seed{seed} " in f]
+        assert "--trainer.max_steps 2 " in warm and "init_from" not in warm
+        (variant,) = [f for f in fits if f"/runs/b/seed{seed} " in f]
+        assert variant.endswith(f"--model.init_from '<warm start seed {seed} last.ckpt>'")
+
+
+def _fake_result(returncode: int) -> Any:
+    def run(command: list[str], log: Path, env: dict[str, str]) -> runner.ProcessResult:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text("error: the warm start broke\n" if returncode else "")
+        return runner.ProcessResult(returncode, 1.0, 100.0)
+
+    return run
+
+
+def test_failed_warm_start_fails_its_variants_without_training_them(synth_data: Path, tmp_path: Path) -> None:
+    spec = load_spec(write_spec(tmp_path / "spec.yaml", data=data_section(synth_data), warm_start=WARM_START,
+                                variants={"a": None}))  # fmt: skip
+    warm, variant = build_plan(spec, tmp_path / "out")
+    calls: list[list[str]] = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runner, "run_process", lambda c, log, env: calls.append(c) or _fake_result(2)(c, log, env))
+        assert runner.execute_run(warm, echo=lambda text: None) == "failed"
+        assert runner.execute_run(variant, echo=lambda text: None) == "failed"
+    assert len(calls) == 1, "the variant was not trained"
+    status = runner.read_status(variant)
+    assert status["status"] == "failed" and status["error"].startswith("not trained: its warm start (warm start seed 0")
+    assert "is failed: training failed: exit status 2" in status["error"] and "run the sweep again" in status["error"]
+    never = RunPlan(**{**variant.__dict__, "run_dir": tmp_path / "other", "warm_start": RunPlan(
+        **{**warm.__dict__, "run_dir": tmp_path / "never"})})  # fmt: skip
+    assert runner.execute_run(never, echo=lambda text: None) == "failed"
+    assert "is pending" in runner.read_status(never)["error"]
+
+
+class FakeJob:
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+
+    def done(self) -> bool:
+        return True
+
+    def result(self) -> str:
+        return "done"
+
+
+class FakeExecutor:
+    """Records what submit_slurm asks of a submitit executor; jobs end at once without running anything."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
+        self.arrays = 0
+
+    def update_parameters(self, **parameters: Any) -> None:
+        self.calls.append(("update", parameters))
+
+    def map_array(self, fn: Any, plans: list[RunPlan]) -> list[FakeJob]:
+        self.arrays += 1
+        self.calls.append(("array", [p.label for p in plans]))
+        return [FakeJob(f"{100 + self.arrays}_{i}") for i in range(len(plans))]
+
+
+@pytest.mark.parametrize("cluster", ["slurm", "local"])
+def test_slurm_launcher_submits_warm_starts_first_and_variants_after_them(
+    synth_data: Path, tmp_path: Path, cluster: str
+) -> None:
+    from vlalign.sweep import launchers
+
+    spec = load_spec(write_spec(
+        tmp_path / "spec.yaml", seeds=[0, 1], data=data_section(synth_data), warm_start=WARM_START,
+        variants={"a": None}, slurm={"cluster": cluster, "additional_parameters": {"reservation": "r1"}},
+    ))  # fmt: skip
+    plans = build_plan(spec, tmp_path / "out")
+    executor = FakeExecutor()
+    waited: list[list[str]] = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(launchers, "_executor", lambda folder, slurm, name: executor)
+        patch.setattr(launchers, "wait_for", lambda jobs, plans: waited.append([p.label for p in plans]))
+        jobs = launchers.submit_slurm(plans, spec.slurm, spec.name, tmp_path / "out", wait=False)
+    assert [j.job_id for j in jobs] == ["101_0", "101_1", "102_0", "102_1"]
+    first = ("array", ["warm start seed 0", "warm start seed 1"])
+    second = ("array", ["a seed 0", "a seed 1"])
+    if cluster == "slurm":  # the variants' array waits in SLURM for every warm-start job
+        dependency = {"slurm_additional_parameters": {"reservation": "r1", "dependency": "afterany:101_0:101_1"}}
+        assert executor.calls == [first, ("update", dependency), second] and waited == []
+    else:  # no dependencies off SLURM: the sweep waits for the warm starts itself
+        assert executor.calls == [first, second] and waited == [["warm start seed 0", "warm start seed 1"]]
+    assert [runner.read_status(p)["job_id"] for p in plans] == ["101_0", "101_1", "102_0", "102_1"]

@@ -5,10 +5,11 @@
 
 The spec is checked whole first (its format, then every variant's full `vlalign fit` command line through the
 training CLI); nothing runs when anything is wrong. Runs execute one after another, each in its own process and
-folder (OUT/runs/<variant>/seed<S>); a finished run is skipped when the sweep runs again, a failed one is recorded
+folder (OUT/runs/<variant>/seed<S>; a spec with warm_start: first trains one shared warm-start run per seed in
+OUT/runs/_warm_start/seed<S>, from whose last.ckpt that seed's variants start); a finished run is skipped when the sweep runs again, a failed one is recorded
 and the others go on, and Ctrl-C leaves the sweep resumable (run the same command again). `--launcher slurm`
-submits the runs that are not done as one submitit job array with the spec's `slurm:` settings (same folders) and
-follows the jobs (`--no_wait`: submit and return; `--collect` later). Results: OUT/results.csv, OUT/results.md,
+submits the runs that are not done as one submitit job array with the spec's `slurm:` settings (same folders;
+warm starts as a first array the variants' array depends on) and follows the jobs (`--no_wait`: submit and return; `--collect` later). Results: OUT/results.csv, OUT/results.md,
 OUT/plots/*.png, OUT/tensorboard (hparams view). The spec format: `python -c "import vlalign.sweep; help(vlalign.sweep)"`
 or the README section "Ablation sweeps".
 
@@ -57,7 +58,7 @@ def sweep_command(argv: list[str]) -> int:
         )
     out = (args.out or spec.default_out()).expanduser().resolve()
     plans = build_plan(spec, out)
-    selected = [plan for plan in plans if plan.variant in only]
+    selected = [plan for plan in plans if plan.variant in only or plan.is_warm_start]  # warm starts: every variant's
     if args.collect:
         return _collect(spec, plans, selected, out)
     from vlalign.sweep.plan import check_configs
@@ -69,20 +70,30 @@ def sweep_command(argv: list[str]) -> int:
     return _run(spec, plans, selected, out, args.launcher, wait=not args.no_wait)
 
 
+def _warm_count(plans) -> str:  # noqa: ANN001 - list[RunPlan]
+    count = sum(plan.is_warm_start for plan in plans)
+    return f" ({count} warm start{'s' * (count != 1)})" if count else ""
+
+
 def _print_plan(spec, selected, out: Path) -> None:  # noqa: ANN001 - SweepSpec, list[RunPlan]
     from vlalign.sweep.launchers import pending_runs
-    from vlalign.sweep.runner import find_last_checkpoint, read_status, show_command
+    from vlalign.sweep.runner import find_last_checkpoint, read_status, show_command, warm_start_checkpoint
 
     todo, done, live = pending_runs(selected)
-    print(f"sweep {spec.name}: {len(selected)} runs in {out} ({len(done)} done, {len(live)} in live jobs, "
-          f"{len(todo)} to run); {spec.steps} steps each")  # fmt: skip
+    print(f"sweep {spec.name}: {len(selected)} runs{_warm_count(selected)} in {out} ({len(done)} done, "
+          f"{len(live)} in live jobs, {len(todo)} to run); {spec.steps} steps each")  # fmt: skip
+    if spec.warm_start is not None:
+        print(f"warm start: {spec.warm_start.steps} steps per seed; each variant starts from its seed's last.ckpt")
     if spec.data.synth is not None:
         print(f"data: vlalign data synth into {out / 'data'} with {json.dumps(spec.data.synth)}")
     for plan in selected:
         state = "done" if plan in done else "in a live job" if plan in live else read_status(plan).get("status")
         print(f"\n# {plan.label} [{state}]  {plan.run_dir}")
         resume = plan in todo and find_last_checkpoint(plan) is not None
-        print(show_command(plan.fit_command(resume=resume)))
+        init_from = None
+        if plan.warm_start is not None:
+            init_from = warm_start_checkpoint(plan)[0] or f"<{plan.warm_start.label} last.ckpt>"
+        print(show_command(plan.fit_command(resume=resume, init_from=init_from)))
         for evaluation in plan.evaluations:
             print(show_command(plan.eval_command(evaluation, "<last.ckpt>")))
 
@@ -95,7 +106,8 @@ def _run(spec, plans, selected, out: Path, launcher: str, wait: bool) -> int:  #
 
     with sweep_lock(out):
         todo, done, live = pending_runs(selected)
-        print(f"sweep {spec.name}: {len(selected)} runs in {out}: {len(done)} done, {len(todo)} to run"
+        print(f"sweep {spec.name}: {len(selected)} runs{_warm_count(selected)} in {out}: {len(done)} done, "
+              f"{len(todo)} to run"
               + (f", {len(live)} still in SLURM jobs" if live else ""))  # fmt: skip
         record = {"spec": spec.raw, "spec_file": str(spec.path), "quick": spec.quick, "launcher": launcher}
         (out / "sweep.yaml").write_text(yaml.safe_dump(record, sort_keys=False))

@@ -15,6 +15,9 @@ The spec (YAML; relative paths resolve against the working directory, then again
     data:                             # optional; without it the base config's data paths are used
       synth: {num_train: 2000, num_val: 200, num_test: 200, seed: 0}   # `vlalign data synth`, once, into OUT/data
       # or explicit paths: tokenizer, train_shards, val_retrieval, test_retrieval, hardneg_val, hardneg_test
+    warm_start:                       # optional shared first stage (below)
+      steps: 250                      # its fixed optimizer steps
+      objectives: {itc: on, itm: off, xmm: off, psl: off}   # as a variant's; overlays:, overrides: too
     env: {OMP_NUM_THREADS: 1}         # optional: environment of every run's processes
     overrides: [--trainer.log_every_n_steps 10]   # optional: every run (same forms as a variant's)
     variants:                         # ordered: name -> what differs from the base
@@ -31,7 +34,7 @@ The spec (YAML; relative paths resolve against the working directory, then again
       - retrieval: {config: configs/finetune/retrieval_tiny.yaml, split: test}
       - hardneg: {config: configs/finetune/hardneg_tiny.yaml}
     headline: [retrieval/itc/r_mean, hardneg/itm/all]   # optional: first table of results.md, cost plot
-    quick: {steps: 200, seeds: [0], data: {synth: {num_train: 500}}}   # --quick: merged over the above
+    quick: {steps: 200, seeds: [0], warm_start: {steps: 60}, data: {synth: {num_train: 500}}}   # --quick: merged
     slurm: {partition: gpu, gpus_per_node: 1, cpus_per_task: 8, mem_gb: 32, timeout_min: 240}
 
 Objective slots are the registered built-in objectives (``vlalign.objectives.base.builtin_objectives()``):
@@ -45,7 +48,16 @@ each tag matching ``tags``; keys ``fit/<tag>``); a task name runs ``vlalign eval
 --config CONFIG --split SPLIT --out RUN/eval/<name>`` (keys ``retrieval/itc/r_mean``, ``hardneg/itm/relation_swap``,
 ``hardneg/itm/all``; ``name:`` sets the prefix, ``metrics:`` glob patterns keep a subset, ``overrides:`` as above).
 
-Outputs in the sweep folder: ``runs/<variant>/seed<S>/`` (``status.json``, ``train.log``, ``train/`` TensorBoard
+``warm_start:`` trains, for every seed, one run of the base config with its objectives (overlays, overrides) for its
+``steps`` in ``OUT/runs/_warm_start/seed<S>/`` before that seed's variants (own process, status.json, skipped when
+done, resumed, recorded when failed, no evaluations); each variant run of the seed then adds ``--model.init_from``
+the warm start's final ``last.ckpt`` (the pretrained unimodal encoders of the paper, at toy scale). A variant's
+fingerprint includes the warm start's, so a changed warm start retrains the variants; a variant whose warm start is
+not done is recorded failed naming it, without training. ``model.init_from`` is then the sweep's: give it in a
+variant's or the spec-wide overrides and the spec is refused (``warm_start.overrides`` may set the warm start's own
+starting point). Warm-start runs are rows of results.csv with variant ``_warm_start``; results.md only states them.
+
+Outputs in the sweep folder: ``runs/<variant>/seed<S>/`` (and ``runs/_warm_start/seed<S>/``) (``status.json``, ``train.log``, ``train/`` TensorBoard
 and checkpoints, ``eval/<name>/results.json``), ``results.csv``, ``results.md``, ``plots/*.png``, ``tensorboard/``
 (hparams view) and ``sweep.yaml`` (the spec as run). Modules: :mod:`~vlalign.sweep.spec` (format, validation),
 :mod:`~vlalign.sweep.plan` (commands, data, config checks), :mod:`~vlalign.sweep.runner` (one run),

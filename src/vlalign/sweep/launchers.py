@@ -5,6 +5,12 @@ folders. submitit is an optional dependency (``pip install 'vlalign[sweep]'``).
 Each array task runs one ``vlalign fit`` process, so a run uses the GPUs of one node through a single process
 (``gpus_per_node: 1`` is the tested layout). A run that is ``queued`` or ``running`` in a live SLURM job is not
 submitted again; anything else that is not done is.
+
+With a warm start, its runs (one per seed) go first: locally they are simply first in the plan; through submitit they
+are one job array, and the variants a second array that starts after it (SLURM ``--dependency=afterany:`` on every
+warm-start job, submitted now or still live from an earlier submission; ``afterany`` rather than ``afterok`` so that a
+variant whose warm start failed still runs its task, which records it failed naming the warm start instead of staying
+queued forever). submitit's ``local`` cluster has no dependencies: the sweep waits for the first array there.
 """
 
 from __future__ import annotations
@@ -149,10 +155,38 @@ def _executor(folder: Path, slurm: SlurmSpec, name: str) -> Any:
 
 def submit_slurm(plans: list[RunPlan], slurm: SlurmSpec, name: str, out: Path, wait: bool = True) -> list[Any]:
     """Submit ``plans`` as one job array (submitit ``map_array``), record each run as ``queued`` with its job id,
-    and (``wait``) follow the jobs until they end. Returns the submitit jobs."""
+    and (``wait``) follow the jobs until they end. Warm-start runs among ``plans`` go in a first array that the
+    variants' array depends on (see the module docstring). Returns the submitit jobs."""
     if not plans:
         return []
     executor = _executor(out / "slurm", slurm, name)
+    warm = [plan for plan in plans if plan.is_warm_start]
+    variants = [plan for plan in plans if not plan.is_warm_start]
+    first = _submit_array(executor, warm, slurm, out)
+    followed: list[RunPlan] = []
+    if warm and slurm.cluster != "slurm":  # no job dependencies off SLURM: the variants start once these are done
+        wait_for(first, warm)
+        depend = []
+    else:
+        followed = warm
+        depend = [str(job.job_id) for job in first]
+    for plan in {p.warm_start.run_dir: p.warm_start for p in variants if p.warm_start is not None}.values():
+        status = read_status(plan)
+        if _job_alive(status):  # queued or running in a SLURM job (this submission's, or an earlier --no_wait one)
+            depend.append(str(status["job_id"]))
+    if depend and variants:
+        extra = dict(slurm.parameters.get("slurm_additional_parameters") or {})
+        extra["dependency"] = "afterany:" + ":".join(dict.fromkeys(depend))
+        executor.update_parameters(slurm_additional_parameters=extra)
+    second = _submit_array(executor, variants, slurm, out)
+    if wait:
+        wait_for([*(first if followed else []), *second], [*followed, *variants])
+    return [*first, *second]
+
+
+def _submit_array(executor: Any, plans: list[RunPlan], slurm: SlurmSpec, out: Path) -> list[Any]:
+    if not plans:
+        return []
     launcher = "slurm" if slurm.cluster == "slurm" else f"submitit-{slurm.cluster}"
     for plan in plans:  # before submitting: a job may start (and finish) before map_array returns
         status = read_status(plan)
@@ -165,9 +199,8 @@ def submit_slurm(plans: list[RunPlan], slurm: SlurmSpec, name: str, out: Path, w
         if status.get("status") == "queued" and not status.get("job_id"):
             status["job_id"] = str(job.job_id)
             write_status(plan, status)
-    tqdm.write(f"submitted {len(jobs)} runs as job array {jobs[0].job_id.split('_')[0]} (logs: {out / 'slurm'})")
-    if wait:
-        wait_for(jobs, plans)
+    what = "warm-start runs" if plans[0].is_warm_start else "runs"
+    tqdm.write(f"submitted {len(jobs)} {what} as job array {jobs[0].job_id.split('_')[0]} (logs: {out / 'slurm'})")
     return jobs
 
 

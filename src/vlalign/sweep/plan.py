@@ -5,7 +5,12 @@ A run is ``OUT/runs/<variant>/seed<S>``; its training writes under ``train/`` (t
 ``save_dir``: ``train/<logger name>/version_N`` with checkpoints, config.yaml and objective_cost.json) and each
 evaluation under ``eval/<name>/``. The fingerprint covers what decides the trained weights (the fit command with the
 sweep folder written as ``<out>``, the content of every config file it reads, the environment, the synthetic data
-settings); an evaluation's covers its command, its config file and the run's fingerprint.
+settings, and the warm start's fingerprint when the run starts from one); an evaluation's covers its command, its
+config file and the run's fingerprint.
+
+With a ``warm_start:`` the plan begins with one warm-start run per seed (``OUT/runs/_warm_start/seed<S>``, no
+evaluations); each variant run of that seed names it in :attr:`RunPlan.warm_start` and is started with
+``--model.init_from`` its final ``last.ckpt``, whose path is known once it is trained (:meth:`RunPlan.fit_command`).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from vlalign.errors import ConfigError
-from vlalign.sweep.spec import Evaluation, SweepSpec, Variant
+from vlalign.sweep.spec import INIT_FROM, WARM_START, Evaluation, SweepSpec, Variant
 
 __all__ = [
     "EvalPlan",
@@ -48,7 +53,8 @@ class EvalPlan:
 
 @dataclass(frozen=True)
 class RunPlan:
-    """One training run (a variant and a seed) and its evaluations."""
+    """One training run (a variant and a seed) and its evaluations; ``warm_start``: the run whose final weights this
+    one starts from (``--model.init_from``), or None."""
 
     variant: str
     seed: int
@@ -59,10 +65,15 @@ class RunPlan:
     evaluations: tuple[EvalPlan, ...]
     env: dict[str, str] = field(default_factory=dict)
     fingerprint: str = ""
+    warm_start: RunPlan | None = None
 
     @property
     def label(self) -> str:
-        return f"{self.variant} seed {self.seed}"
+        return f"{'warm start' if self.is_warm_start else self.variant} seed {self.seed}"
+
+    @property
+    def is_warm_start(self) -> bool:
+        return self.variant == WARM_START
 
     @property
     def train_dir(self) -> Path:
@@ -72,9 +83,13 @@ class RunPlan:
     def status_file(self) -> Path:
         return self.run_dir / "status.json"
 
-    def fit_command(self, resume: bool = False) -> list[str]:
-        """``python -m vlalign fit ...`` (``--ckpt_path last`` to continue an interrupted run)."""
-        return [sys.executable, "-m", "vlalign", *self.fit_args, *(["--ckpt_path", "last"] if resume else [])]
+    def fit_command(self, resume: bool = False, init_from: str | Path | None = None) -> list[str]:
+        """``python -m vlalign fit ...`` (``--model.init_from`` the warm start's checkpoint when the run has one,
+        ``--ckpt_path last`` to continue an interrupted run)."""
+        if self.warm_start is not None and init_from is None:
+            raise ValueError(f"{self.label} starts from a warm start: give its checkpoint as init_from")
+        init = [f"--{INIT_FROM}", str(init_from)] if init_from is not None else []
+        return [sys.executable, "-m", "vlalign", *self.fit_args, *init, *(["--ckpt_path", "last"] if resume else [])]
 
     def eval_command(self, evaluation: EvalPlan, checkpoint: str | Path) -> list[str]:
         return [sys.executable, "-m", "vlalign", *evaluation.args, "--model", str(checkpoint)]
@@ -152,7 +167,9 @@ def _pairs(overrides: tuple[tuple[str, str], ...]) -> list[str]:
     return [arg for key, value in overrides for arg in (f"--{key}", value)]
 
 
-def _fit_args(spec: SweepSpec, variant: Variant, seed: int, run_dir: Path, data: dict[str, str]) -> list[str]:
+def _fit_args(
+    spec: SweepSpec, variant: Variant, seed: int, steps: int, run_dir: Path, data: dict[str, str]
+) -> list[str]:
     args = ["fit"]
     for path in (*spec.base, *variant.overlays):
         args += ["--config", str(path)]
@@ -165,7 +182,7 @@ def _fit_args(spec: SweepSpec, variant: Variant, seed: int, run_dir: Path, data:
     args += [
         "--seed_everything", str(seed),
         "--data.init_args.seed", str(seed),
-        "--trainer.max_steps", str(spec.steps),  # the LR schedule follows: it spans max_steps
+        "--trainer.max_steps", str(steps),  # the LR schedule follows: it spans max_steps
         "--trainer.max_epochs", "-1",  # the step count alone ends training, never an epoch count or the clock
         "--trainer.max_time", "null",
         "--trainer.default_root_dir", str(run_dir),
@@ -215,18 +232,42 @@ def _relative(args: list[str], out: Path) -> list[str]:
 
 
 def build_plan(spec: SweepSpec, out: Path) -> list[RunPlan]:
-    """Every run of the sweep (variants in spec order, then seeds), with its commands and fingerprints."""
+    """Every run of the sweep with its commands and fingerprints: the warm-start runs (one per seed) first, then the
+    variants in spec order, each over the seeds."""
     out = Path(out).expanduser().resolve()
     data = data_paths(spec, out)
     synth = synth_settings(spec)
-    plans = []
+    warm: dict[int, RunPlan] = {}
+    if spec.warm_start is not None:
+        variant = spec.warm_start.as_variant()
+        configs = {str(p): _file_digest(p) for p in (*spec.base, *variant.overlays)}
+        for seed in spec.seeds:
+            run_dir = out / "runs" / WARM_START / f"seed{seed}"
+            fit_args = _fit_args(spec, variant, seed, spec.warm_start.steps, run_dir, data)
+            fingerprint = _digest(
+                {"fit": _relative(fit_args, out), "configs": configs, "env": spec.env, "synth": synth}
+            )
+            warm[seed] = RunPlan(
+                variant=WARM_START,
+                seed=seed,
+                steps=spec.warm_start.steps,
+                out=out,
+                run_dir=run_dir,
+                fit_args=tuple(fit_args),
+                evaluations=(),
+                env=dict(spec.env),
+                fingerprint=fingerprint,
+            )
+    plans = list(warm.values())
     for variant in spec.variants.values():
         configs = {str(p): _file_digest(p) for p in (*spec.base, *variant.overlays)}
         for seed in spec.seeds:
             run_dir = out / "runs" / variant.name / f"seed{seed}"
-            fit_args = _fit_args(spec, variant, seed, run_dir, data)
+            fit_args = _fit_args(spec, variant, seed, spec.steps, run_dir, data)
+            start = warm.get(seed)
             fingerprint = _digest(
                 {"fit": _relative(fit_args, out), "configs": configs, "env": spec.env, "synth": synth}
+                | ({"warm_start": start.fingerprint} if start is not None else {})
             )
             evaluations = []
             for evaluation in spec.evaluate:
@@ -250,6 +291,7 @@ def build_plan(spec: SweepSpec, out: Path) -> list[RunPlan]:
                     evaluations=tuple(evaluations),
                     env=dict(spec.env),
                     fingerprint=fingerprint,
+                    warm_start=start,
                 )
             )
     return plans
@@ -257,11 +299,13 @@ def build_plan(spec: SweepSpec, out: Path) -> list[RunPlan]:
 
 # -- the dry parse -------------------------------------------------------------------------------------------------------
 def check_configs(spec: SweepSpec, plans: list[RunPlan], out: Path) -> dict[str, list[str]]:
-    """Parse every variant's ``vlalign fit`` command line (first seed) and every evaluation command line with the real
-    CLIs, building nothing: unknown keys, wrong types and the training config checks fail here, each naming the
-    variant. Returns ``variant -> enabled objectives``.
+    """Parse every variant's ``vlalign fit`` command line (first seed; the warm start's too) and every evaluation
+    command line with the real CLIs, building nothing: unknown keys, wrong types and the training config checks fail
+    here, each naming the variant. Returns ``variant -> enabled objectives``.
 
-    While the sweep's synthetic data is not written yet, the tokenizer check is left to the run.
+    While the sweep's synthetic data is not written yet, the tokenizer check is left to the run. A variant's
+    ``--model.init_from`` (its warm start's checkpoint) is not part of the parse: that file exists once the warm start
+    has run, and whether it fits is checked when the variant's model is built.
 
     Raises:
         ConfigError: every variant's problems together.
@@ -281,10 +325,10 @@ def check_configs(spec: SweepSpec, plans: list[RunPlan], out: Path) -> dict[str,
         try:
             enabled[plan.variant] = _dry_parse_fit(list(plan.fit_args), skip_tokenizer)
         except (ArgumentError, UserError) as err:
-            errors.append(f"variant {plan.variant!r}: {_indent(str(err))}")
+            errors.append(f"{_what(plan)}: {_indent(str(err))}")
         except SystemExit as err:  # jsonargparse's own exit on a malformed command line
-            errors.append(f"variant {plan.variant!r}: the training CLI refused its command line (exit {err.code})")
-        if plan is plans[0]:
+            errors.append(f"{_what(plan)}: the training CLI refused its command line (exit {err.code})")
+        if plan is next((p for p in plans if p.evaluations), None):
             for evaluation in plan.evaluations:
                 try:
                     _dry_parse_eval(evaluation)
@@ -294,6 +338,10 @@ def check_configs(spec: SweepSpec, plans: list[RunPlan], out: Path) -> dict[str,
         listing = "\n".join(f"  - {error}" for error in errors)
         raise ConfigError(f"sweep {spec.path}: {len(errors)} run configuration(s) do not parse:\n{listing}")
     return enabled
+
+
+def _what(plan: RunPlan) -> str:
+    return "warm_start" if plan.is_warm_start else f"variant {plan.variant!r}"
 
 
 def _indent(text: str) -> str:

@@ -8,6 +8,10 @@ Metric keys: ``fit/<tag>`` (TensorBoard scalars of the training run), ``retrieva
 of the training process, startup included), ``train_s_per_step``, ``eval_s``, ``peak_rss_mb`` (the training process),
 and, when the run wrote ``objective_cost.json`` into its log folder, ``cost/step_ms``, ``cost/samples_per_s``,
 ``cost/<objective>/{forward_ms,backward_ms,peak_mem_mb}`` and ``cost/shared/{forward_ms,backward_ms}``.
+
+Warm-start runs (``warm_start:``) are rows of ``results.csv`` with variant ``_warm_start`` (their times, costs and
+training metrics); results.md states the stage in one line (objectives, steps, mean wall time) and lists a warm start
+that is not done, but its tables, the plots and the hparams view compare the variants only.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import Any
 
 from vlalign.sweep.plan import RunPlan
 from vlalign.sweep.runner import read_status
-from vlalign.sweep.spec import Evaluation, SweepSpec
+from vlalign.sweep.spec import WARM_START, Evaluation, SweepSpec
 
 __all__ = [
     "COST_FILE",
@@ -273,9 +277,38 @@ def _cost_axis(rows: list[dict[str, Any]]) -> tuple[str, str]:
     return "train_s_per_step", "s per step (training process wall time / steps)"
 
 
+def _warm_start_line(spec: SweepSpec, warm_rows: list[dict[str, Any]]) -> list[str]:
+    """results.md's statement of the warm-start stage (nothing without one)."""
+    if spec.warm_start is None:
+        return []
+    trained = sorted({row["objectives"] for row in warm_rows if row.get("objectives")})
+    if trained:
+        objectives = " / ".join(f"`{names}`" for names in trained)
+    else:  # not trained yet: the spec's toggles over the base config
+        toggles = [f"{slot} {'off' if value is None else 'on'}" for slot, value in spec.warm_start.objectives.items()]
+        objectives = f"`{', '.join(toggles)}` over the base config" if toggles else "the base config's"
+    walls = _finite(row.get("train_s") for row in warm_rows if row["status"] == "done")
+    done = len(walls)
+    wall = f"mean wall time {sum(walls) / done / 60:.1f} min" if walls else "no warm start done yet"
+    return [
+        f"Warm start: each seed's variant runs start (`model.init_from`) from one shared run with objectives "
+        f"{objectives} for {spec.warm_start.steps} optimizer steps ({wall}; {done}/{len(warm_rows)} done). Its rows "
+        f"are in results.csv as variant `{WARM_START}`; the tables below compare the variants only, whose cost "
+        "columns exclude it.",
+        "",
+    ]
+
+
 def write_markdown(
-    spec: SweepSpec, rows: list[dict[str, Any]], metrics: list[str], costs: list[str], path: Path
+    spec: SweepSpec,
+    rows: list[dict[str, Any]],
+    metrics: list[str],
+    costs: list[str],
+    path: Path,
+    warm_rows: list[dict[str, Any]] | None = None,
 ) -> None:
+    """``results.md`` from the variant ``rows`` (``warm_rows``: the warm-start runs, stated in one line)."""
+    warm_rows = warm_rows or []
     variants = list(spec.variants)
     planned = len(spec.seeds)
     done = sum(row["status"] == "done" for row in rows)
@@ -285,6 +318,7 @@ def write_markdown(
         f"Spec `{spec.path}`; {spec.steps} optimizer steps per run; seeds {', '.join(map(str, spec.seeds))}; "
         f"{done}/{len(rows)} runs done; reference variant `{spec.reference}`.",
         "",
+        *_warm_start_line(spec, warm_rows),
         "Cells: mean ± sample standard deviation over seeds (n= when fewer seeds have the value), then the "
         f"difference of the mean to `{spec.reference}` in parentheses; **bold**: the best variant of the row "
         "(lowest for losses, times and memory, highest otherwise). Recall in %, hard-negative accuracy as a fraction.",
@@ -314,7 +348,7 @@ def write_markdown(
     described = [v for v in spec.variants.values() if v.description]
     if described:
         lines += ["## Variants", ""] + [f"- `{v.name}`: {v.description}" for v in described] + [""]
-    unfinished = [row for row in rows if row["status"] != "done"]
+    unfinished = [row for row in [*warm_rows, *rows] if row["status"] != "done"]
     if unfinished:
         lines += ["## Runs not done", "", "| variant | seed | status | error |", "|---|---|---|---|"]
         for row in unfinished:
@@ -462,8 +496,11 @@ def write_tensorboard(
 
 # -- all of it -----------------------------------------------------------------------------------------------------------
 def collect(spec: SweepSpec, plans: list[RunPlan], out: Path, tensorboard: bool = True) -> Collected:
-    """Read every run of the sweep and write ``results.csv``, ``results.md``, ``plots/`` and ``tensorboard/``."""
+    """Read every run of the sweep and write ``results.csv`` (warm starts included), ``results.md``, ``plots/`` and
+    ``tensorboard/`` (the variants)."""
     rows = [run_row(spec, plan) for plan in plans]
+    warm_rows = [row for row in rows if row["variant"] == WARM_START]
+    variant_rows = [row for row in rows if row["variant"] != WARM_START]
     metrics: list[str] = []
     costs: list[str] = []
     for row in rows:
@@ -478,7 +515,7 @@ def collect(spec: SweepSpec, plans: list[RunPlan], out: Path, tensorboard: bool 
     columns = [*FIXED_COLUMNS, *metrics, *costs]
     out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, columns, out / "results.csv")
-    write_markdown(spec, rows, metrics, costs, out / "results.md")
-    plots = write_plots(spec, rows, metrics, costs, out / "plots")
-    board = write_tensorboard(spec, rows, metrics, columns, out / "tensorboard") if tensorboard else None
+    write_markdown(spec, variant_rows, metrics, costs, out / "results.md", warm_rows)
+    plots = write_plots(spec, variant_rows, metrics, costs, out / "plots")
+    board = write_tensorboard(spec, variant_rows, metrics, columns, out / "tensorboard") if tensorboard else None
     return Collected(rows, metrics, costs, out / "results.csv", out / "results.md", plots, board)

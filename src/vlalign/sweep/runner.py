@@ -7,6 +7,10 @@
 ``returncode``, ``wall_s``, ``results``), ``error`` (the failing command's ``error:`` block or the last lines of its
 log), ``attempts``, ``started`` / ``finished``, ``launcher`` and ``job_id``.
 
+A variant run with a warm start (:attr:`~vlalign.sweep.plan.RunPlan.warm_start`) trains only once that warm start is
+done: it is started with ``--model.init_from`` the warm start's final ``last.ckpt`` (recorded as ``train.init_from``);
+while the warm start is failed or not done, the run is recorded ``failed`` with an error naming the warm start.
+
 Re-running the sweep skips a run that is done with the same fingerprint, re-evaluates only evaluations that are
 missing, failed or changed, resumes a run whose training left a ``last.ckpt`` (``--ckpt_path last``), and retrains
 from scratch a run whose fingerprint changed. An interrupt (Ctrl-C, SIGTERM) stops the training process with SIGTERM,
@@ -37,6 +41,7 @@ __all__ = [
     "read_status",
     "run_is_done",
     "show_command",
+    "warm_start_checkpoint",
     "write_status",
 ]
 
@@ -168,6 +173,31 @@ def checkpoint_step(path: Path) -> int | None:
     return int(step) if step is not None else None
 
 
+def warm_start_checkpoint(plan: RunPlan) -> tuple[Path | None, str]:
+    """The final ``last.ckpt`` of ``plan``'s warm start, or None and why it cannot be used yet."""
+    warm = plan.warm_start
+    if warm is None:
+        return None, f"{plan.label} has no warm start"
+    status = read_status(warm)
+    checkpoint = (status.get("train") or {}).get("checkpoint")
+    if run_is_done(warm, status) and checkpoint and Path(checkpoint).is_file():
+        return Path(checkpoint), ""
+    state = status.get("status", "pending")
+    if state == "done":
+        state = (
+            "done with other settings" if status.get("fingerprint") != warm.fingerprint else "missing its checkpoint"
+        )
+    elif state in ("queued", "running"):
+        state = f"{state} (or its job ended without recording a result)"
+    error = str(status.get("error") or "").strip()
+    cause = f": {error.splitlines()[0]}" if error else ""
+    return None, (
+        f"its warm start ({warm.label}, {warm.run_dir}) is {state}{cause}; this run starts from the warm start's "
+        f"last.ckpt, so it was not trained. Fix the warm start (see {warm.run_dir / 'train.log'} and its status.json) "
+        "and run the sweep again"
+    )
+
+
 # -- one run -------------------------------------------------------------------------------------------------------------
 def _wipe(plan: RunPlan) -> None:
     for folder in (plan.train_dir, plan.run_dir / "eval"):
@@ -210,8 +240,16 @@ def execute_run(
     )
     write_status(plan, status)
     try:
-        if train.get("status") != "done" and not _train(plan, status, echo):
-            return _finish(plan, status, "failed")
+        if train.get("status") != "done":
+            init_from = None
+            if plan.warm_start is not None:
+                init_from, why = warm_start_checkpoint(plan)
+                if init_from is None:
+                    status["error"] = f"not trained: {why}"
+                    echo(f"{plan.label}: FAILED, {why}")
+                    return _finish(plan, status, "failed")
+            if not _train(plan, status, echo, init_from):
+                return _finish(plan, status, "failed")
         for evaluation in plan.evaluations:
             done = status["evaluations"].get(evaluation.name) or {}
             if done.get("status") == "done" and done.get("fingerprint") == evaluation.fingerprint:
@@ -241,15 +279,18 @@ def _finish(plan: RunPlan, status: dict[str, Any], outcome: str) -> str:
     return outcome
 
 
-def _train(plan: RunPlan, status: dict[str, Any], echo: Callable[[str], None]) -> bool:
+def _train(plan: RunPlan, status: dict[str, Any], echo: Callable[[str], None], init_from: Path | None = None) -> bool:
     checkpoint = find_last_checkpoint(plan)
     resume = checkpoint is not None
     if not resume and plan.train_dir.is_dir():
         shutil.rmtree(plan.train_dir)  # a failed start left no checkpoint: start clean (one version folder)
-    command = plan.fit_command(resume=resume)
+    command = plan.fit_command(resume=resume, init_from=init_from)
     log = plan.run_dir / "train.log"
-    echo(f"{plan.label}: {'resuming' if resume else 'training'} {plan.steps} steps (log: {log})")
+    start_from = f" from {plan.warm_start.label}" if plan.warm_start is not None else ""
+    echo(f"{plan.label}: {'resuming' if resume else 'training'} {plan.steps} steps{start_from} (log: {log})")
     train = status["train"] = {"status": "running", "command": show_command(command), "resumed": resume}
+    if init_from is not None:
+        train["init_from"] = str(init_from)
     previous = float(status.get("train_wall_s_before") or 0.0)  # earlier attempts (interrupted, failed)
     write_status(plan, status)
     start = time.perf_counter()

@@ -24,6 +24,8 @@ __all__ = [
     "SlurmSpec",
     "SweepSpec",
     "Variant",
+    "WARM_START",
+    "WarmStart",
     "load_spec",
     "normalize_overrides",
     "objective_slots",
@@ -34,10 +36,16 @@ __all__ = [
 REPO = Path(__file__).resolve().parents[3]
 TOP_KEYS = (
     "name", "description", "base", "reference", "seeds", "steps", "data", "env", "overrides", "variants", "evaluate",
-    "headline", "quick", "slurm",
+    "headline", "quick", "slurm", "warm_start",
 )  # fmt: skip
 VARIANT_KEYS = ("description", "objectives", "overlays", "overrides")
-QUICK_KEYS = ("steps", "seeds", "data", "overrides", "env")
+WARM_START_KEYS = ("steps", "objectives", "overlays", "overrides")
+QUICK_KEYS = ("steps", "seeds", "data", "overrides", "env", "warm_start")
+#: The warm-start stage's variant name (its folder ``runs/_warm_start``, its rows in results.csv); a variant name
+#: cannot start with ``_``, so it never collides with one.
+WARM_START = "_warm_start"
+#: Set by the sweep in every variant run when the spec has a warm start.
+INIT_FROM = "model.init_from"
 #: Explicit data paths: the first four are the pretraining data module's (``data.init_args.<key>``); the hard-negative
 #: files feed the ``hardneg`` evaluation, the retrieval files also the ``retrieval`` evaluation.
 DATA_PATH_KEYS = ("tokenizer", "train_shards", "val_retrieval", "test_retrieval", "hardneg_val", "hardneg_test")
@@ -78,6 +86,21 @@ class Variant:
     overlays: tuple[Path, ...] = ()
     overrides: tuple[tuple[str, str], ...] = ()
     description: str | None = None
+
+
+@dataclass(frozen=True)
+class WarmStart:
+    """The shared first stage: per seed, one run of the base config with these objectives for ``steps`` optimizer
+    steps; every variant run of that seed starts from its final ``last.ckpt`` (``--model.init_from``)."""
+
+    steps: int
+    objectives: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+    overlays: tuple[Path, ...] = ()
+    overrides: tuple[tuple[str, str], ...] = ()
+
+    def as_variant(self) -> Variant:
+        """The stage as a variant named :data:`WARM_START` (what builds its command line)."""
+        return Variant(WARM_START, self.objectives, self.overlays, self.overrides, "warm start")
 
 
 @dataclass(frozen=True)
@@ -131,6 +154,7 @@ class SweepSpec:
     quick: bool
     description: str | None
     raw: dict[str, Any]
+    warm_start: WarmStart | None = None
 
     def default_out(self) -> Path:
         """``sweeps/<name>`` (``sweeps/<name>_quick`` for ``--quick``), relative to the working directory."""
@@ -313,23 +337,58 @@ def _variants(value: Any, slots: tuple[str, ...], errors: list[str]) -> dict[str
             errors.append(f"{key}: expected a mapping with {', '.join(VARIANT_KEYS)}, got {_show(body)}")
             continue
         errors += _unknown_keys(body, VARIANT_KEYS, f"{key}.")
-        overlays = body.get("overlays") or []
-        overlays = [overlays] if isinstance(overlays, str) else overlays
-        if not isinstance(overlays, list):
-            errors.append(f"{key}.overlays: expected a list of overlay names or paths, got {_show(overlays)}")
-            overlays = []
-        paths = [_overlay(item, f"{key}.overlays[{i}]", errors) for i, item in enumerate(overlays)]
-        overrides = normalize_overrides(body.get("overrides"), f"{key}.overrides", errors)
-        _check_reserved(overrides, FIT_RESERVED, f"{key}.overrides", errors)
+        objectives, overlays, overrides = _run_settings(body, key, slots, errors)
         description = body.get("description")
         variants[name] = Variant(
             name=name,
-            objectives=_objectives(body.get("objectives"), f"{key}.objectives", slots, errors),
-            overlays=tuple(p for p in paths if p is not None),
+            objectives=objectives,
+            overlays=overlays,
             overrides=overrides,
             description=str(description) if description is not None else None,
         )
     return variants
+
+
+def _run_settings(
+    body: dict[str, Any], key: str, slots: tuple[str, ...], errors: list[str]
+) -> tuple[dict[str, dict | None], tuple[Path, ...], tuple[tuple[str, str], ...]]:
+    """``objectives``, ``overlays`` and ``overrides`` of a variant or of the warm start, checked."""
+    overlays = body.get("overlays") or []
+    overlays = [overlays] if isinstance(overlays, str) else overlays
+    if not isinstance(overlays, list):
+        errors.append(f"{key}.overlays: expected a list of overlay names or paths, got {_show(overlays)}")
+        overlays = []
+    paths = [_overlay(item, f"{key}.overlays[{i}]", errors) for i, item in enumerate(overlays)]
+    overrides = normalize_overrides(body.get("overrides"), f"{key}.overrides", errors)
+    _check_reserved(overrides, FIT_RESERVED, f"{key}.overrides", errors)
+    objectives = _objectives(body.get("objectives"), f"{key}.objectives", slots, errors)
+    return objectives, tuple(p for p in paths if p is not None), overrides
+
+
+def _warm_start(value: Any, slots: tuple[str, ...], errors: list[str]) -> WarmStart | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        errors.append(
+            f"warm_start: expected a mapping with {', '.join(WARM_START_KEYS)} (steps: N, objectives: {{itc: on, "
+            f"...}}), got {_show(value)}"
+        )
+        return None
+    errors += _unknown_keys(value, WARM_START_KEYS, "warm_start.")
+    if "steps" not in value:
+        errors.append("warm_start.steps: missing; give the optimizer steps of the shared stage (an integer >= 1)")
+    steps = _steps(value.get("steps", 1), "warm_start.steps", errors)
+    objectives, overlays, overrides = _run_settings(value, "warm_start", slots, errors)
+    return WarmStart(steps, objectives, overlays, overrides)
+
+
+def _check_init_from_free(overrides: tuple[tuple[str, str], ...], key: str, errors: list[str]) -> None:
+    """With a warm start the sweep sets ``model.init_from`` of every variant run."""
+    if any(name == INIT_FROM for name, _ in overrides):
+        errors.append(
+            f"{key}: --{INIT_FROM} is set by the sweep when it has a warm_start: (each variant starts from its "
+            f"seed's warm start); remove it, or give the warm start its starting point in warm_start.overrides"
+        )
 
 
 def _seeds(value: Any, key: str, errors: list[str]) -> tuple[int, ...]:
@@ -514,6 +573,17 @@ def load_spec(path: str | Path, quick: bool = False) -> SweepSpec:
     errors += _unknown_keys(quick_section, QUICK_KEYS, "quick.")
     _seeds(quick_section.get("seeds", [0]), "quick.seeds", errors)
     _steps(quick_section.get("steps", 1), "quick.steps", errors)
+    quick_warm = quick_section.get("warm_start")
+    if quick_warm is not None:
+        if not isinstance(quick_warm, dict):
+            errors.append(f"quick.warm_start: expected a mapping such as {{steps: 60}}, got {_show(quick_warm)}")
+            quick_warm = None
+        else:
+            errors += _unknown_keys(quick_warm, WARM_START_KEYS, "quick.warm_start.")
+            _steps(quick_warm.get("steps", 1), "quick.warm_start.steps", errors)
+            if not isinstance(raw.get("warm_start"), dict):
+                errors.append("quick.warm_start: the spec has no warm_start: section for it to change; add one")
+                quick_warm = None
     _check_reserved(
         normalize_overrides(quick_section.get("overrides"), "quick.overrides", errors),
         FIT_RESERVED,
@@ -529,6 +599,8 @@ def load_spec(path: str | Path, quick: bool = False) -> SweepSpec:
             effective["data"] = _deep_merge(raw.get("data") or {}, quick_section["data"] or {})
         if "env" in quick_section:
             effective["env"] = {**(raw.get("env") or {}), **(quick_section["env"] or {})}
+        if quick_warm:
+            effective["warm_start"] = _deep_merge(raw["warm_start"], quick_warm)
     for required in ("base", "variants", "steps"):
         if required not in effective:
             errors.append(f"{required}: missing (see the format in `vlalign sweep --help`)")
@@ -547,6 +619,11 @@ def load_spec(path: str | Path, quick: bool = False) -> SweepSpec:
     if quick:
         overrides += normalize_overrides(quick_section.get("overrides"), "quick.overrides", [])
     _check_reserved(overrides, FIT_RESERVED, "overrides", errors)
+    warm_start = _warm_start(effective.get("warm_start"), slots, errors)
+    if warm_start is not None:
+        _check_init_from_free(overrides, "overrides", errors)
+        for variant in variants.values():
+            _check_init_from_free(variant.overrides, f"variants.{variant.name}.overrides", errors)
     headline = effective.get("headline") or []
     if not isinstance(headline, list) or not all(isinstance(h, str) for h in headline):
         errors.append(f"headline: expected a list of metric keys such as retrieval/itc/r_mean, got {_show(headline)}")
@@ -568,6 +645,7 @@ def load_spec(path: str | Path, quick: bool = False) -> SweepSpec:
         quick=quick,
         description=str(effective["description"]) if effective.get("description") else None,
         raw=effective,
+        warm_start=warm_start,
     )
     if not NAME.match(spec.name):
         errors.append(f"name: {spec.name!r} is used as a folder name: letters, digits, '_', '.', '-'")
