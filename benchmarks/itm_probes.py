@@ -10,6 +10,8 @@ per image) it reports, for the model and optionally for a freshly initialised co
 - ``probe_cls`` / ``probe_mean``: accuracy of a logistic-regression probe telling (image, its caption) from
   (another image, that caption) on the fused [CLS] / mean-pooled fused states, fitted on half the captions and
   scored on the other half (chance 0.5): is the match information in the states at all?
+- ``vision_probe_colour`` / ``vision_probe_shape``: can a linear read-out of the ViT's mean-pooled tokens name the
+  colour / the shape of the single-shape test images (chance: the most frequent class)?
 - ``itm_pos_vs_random``: how often the ITM head scores the true pair above the swapped-image pair, and its mean
   match probabilities.
 
@@ -46,6 +48,58 @@ def logistic_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.T
     optimizer.step(closure)
     with torch.no_grad():
         return float(((x_test @ weight + bias > 0).float() == y_test).float().mean())
+
+
+def softmax_probe(x: torch.Tensor, y: torch.Tensor, train: torch.Tensor, test: torch.Tensor) -> float:
+    """Test accuracy of an L2-regularised multinomial logistic regression (L-BFGS) fitted on the ``train`` rows."""
+    mean, std = x[train].mean(0), x[train].std(0) + 1e-6
+    x = (x - mean) / std
+    classes = int(y.max()) + 1
+    weight = torch.zeros(x.shape[1], classes, requires_grad=True)
+    bias = torch.zeros(classes, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=300)
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(x[train] @ weight + bias, y[train]) + 1e-3 * weight.square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        return float(((x[test] @ weight + bias).argmax(-1) == y[test]).float().mean())
+
+
+@torch.no_grad()
+def vision_probe(model: vlalign.VisionLanguageModel, data: Path) -> dict:
+    """Can a linear read-out of the ViT's mean-pooled tokens name the colour / the shape of single-shape images?
+
+    Colour and shape come from the hard-negative files' positive caption (``"a red circle on the left"``: a single
+    shape); half the images fit the probe, the other half score it. Chance: the most frequent class of the scored
+    half."""
+    colours, shapes = [], []
+    images = []
+    for split in ("val", "test"):
+        for entry in json.loads((data / f"hardneg_{split}.json").read_text()):
+            words = entry["positive"].split()
+            if " of " in entry["positive"] or "above" in words or "below" in words:
+                continue  # a relation between two shapes
+            colours.append(words[1])
+            shapes.append(words[2])
+            images.append(data / entry["image"])
+    pixels = torch.stack([model.preprocess_image(image) for image in images])
+    features = model.backbone.vision(pixels).mean(1)
+    n = len(images)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))  # the same split for every model
+    train, test = order[: n // 2], order[n // 2 :]
+    result: dict = {"single_shape_images": n}
+    for what, names in (("colour", colours), ("shape", shapes)):
+        vocabulary = sorted(set(names))
+        y = torch.tensor([vocabulary.index(name) for name in names])
+        with torch.enable_grad():
+            result[f"vision_probe_{what}"] = round(softmax_probe(features, y, train, test), 3)
+        result[f"vision_probe_{what}_chance"] = round(float(torch.bincount(y[test]).max()) / len(test), 3)
+    return result
 
 
 @torch.no_grad()
@@ -116,14 +170,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     model = vlalign.load(args.model).eval()
-    print(json.dumps(probe(model, args.data, "trained")))
+    print(json.dumps({**probe(model, args.data, "trained"), **vision_probe(model, args.data)}))
     if args.init:
         torch.manual_seed(args.seed)
         fresh = PretrainRecipe.from_spec(model.config)
         model.backbone.load_state_dict(fresh.backbone.state_dict(), strict=False)  # online weights; no twins here
         if model.itm is not None and fresh.itm is not None:
             model.itm.load_state_dict(fresh.itm.state_dict(), strict=False)
-        print(json.dumps(probe(model, args.data, "initialisation")))
+        print(json.dumps({**probe(model, args.data, "initialisation"), **vision_probe(model, args.data)}))
 
 
 if __name__ == "__main__":
