@@ -255,3 +255,46 @@ def test_auto_group_size() -> None:
     assert auto_group_size(19.0, 256) == 4
     assert auto_group_size(2.4, 256) == 1
     assert auto_group_size(1000.0, 8) == 8
+
+
+def _rerank_worker(rank: int, port: int, out_dir: str) -> None:
+    """One of two gloo processes: the same model and inputs, each scoring its share of the pairs."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        model = _recipe(split=False)
+        tokens, ids, mask, _ = _inputs(21, num_images=7, num_texts=15)
+        sims = torch.randn(7, 15, generator=torch.Generator().manual_seed(22))
+        with torch.no_grad():
+            scores = rerank_with_itm(model, tokens, ids, mask, sims, k=4, batch_size=5, rank=rank, world_size=2)
+        torch.save({"scores": scores, "state": model.state_dict()}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_rerank_returns_the_single_process_matrices_on_every_rank(tmp_path) -> None:
+    """Distributed retrieval evaluation, for real: two gloo processes split the pairs, gather, and each returns the
+    matrices one process computes alone."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_rerank_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    torch.manual_seed(0)
+    model = _recipe(split=False)
+    model.load_state_dict(ranks[0]["state"])
+    tokens, ids, mask, _ = _inputs(21, num_images=7, num_texts=15)
+    sims = torch.randn(7, 15, generator=torch.Generator().manual_seed(22))
+    with torch.no_grad():
+        single = rerank_with_itm(model, tokens, ids, mask, sims, k=4, batch_size=5)
+    for result in ranks:
+        for got, want in zip(result["scores"], single, strict=True):
+            assert torch.equal(torch.isinf(got), torch.isinf(want))
+            torch.testing.assert_close(got[~torch.isinf(got)], want[~torch.isinf(want)], atol=1e-6, rtol=0)
