@@ -22,8 +22,9 @@ test: install
 demo: install
 	$(BIN)/python -m vlalign.cli.demo --out $(DEMO_DIR) $(DEMO_ARGS)
 
-# Retrieval fine-tuning of the demo model (reuses `make demo`'s checkpoint in $(DEMO_DIR), or runs it first), then
-# zero-shot vs fine-tuned recall and hard-negative accuracy; e.g. make demo-finetune DEMO_FINETUNE_ARGS="--steps 300"
+# Fine-tuning of the demo model (reuses `make demo`'s checkpoint in $(DEMO_DIR), or runs it first): retrieval by
+# default (zero-shot vs fine-tuned recall, hard-negative accuracy); --tasks adds VQA, NLVR2, SNLI-VE and grounding,
+# each metric next to chance; e.g. make demo-finetune DEMO_FINETUNE_ARGS="--tasks all" (or "--tasks vqa,grounding")
 demo-finetune: install
 	$(BIN)/python -m vlalign.cli.demo_finetune --out $(DEMO_DIR) $(DEMO_FINETUNE_ARGS)
 

@@ -326,9 +326,9 @@ def test_demo_finetune_reuses_the_demo_checkpoint_and_prints_both_tables(
     shutil.copytree(synth_data, out / "data")
     small = ["--data.batch_size", "8", "--data.eval_batch_size", "8", "--data.num_workers", "0"]
     small += ["--model.queue_size", "16", "--model.k_test", "8"]
-    summary = run_demo_finetune(out, steps=2, threads=None, extra_args=small, progress=False)
+    summary = run_demo_finetune(out, steps=2, threads=None, task_args={"retrieval": small}, progress=False)
     printed = capsys.readouterr().out
-    assert summary["pretrained_reused"] and summary["steps"] == 2
+    assert summary["pretrained_reused"] and summary["steps"] == {"retrieval": 2}
     assert Path(summary["finetuned_checkpoint"]).is_file()
     assert (out / SUMMARY_FILE).is_file() and (out / "evaluations" / "retrieval_zero_shot" / "results.json").is_file()
     assert "fine-tuned, ITM re-ranked" in printed and "| chance |" in printed

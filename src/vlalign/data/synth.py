@@ -367,6 +367,21 @@ Layout
                                       "negatives": [{{"type", "caption"}}, ...]}}: captions edited from the scene
                                       (colour_swap, shape_swap, relation_swap, attribute_binding_swap), each false
                                       of the image (`vlalign evaluate hardneg` reads them)
+  vqa_{{train,val,test}}.json           VQA v2 layout, 3 questions per image (`vlalign finetune vqa`):
+                                      [{{"question_id", "question", "answer": [10 human answers], "image",
+                                      "dataset": "vqa", "question_type", "answer_type"}}]; every split has answers
+  answer_list.json                    every answer a question can have, the most frequent training answers first
+  nlvr2_{{train,dev,test}}.json         (dev: val images) each image paired with another of its split, one true and
+                                      one false statement per pair (`vlalign finetune nlvr2`):
+                                      [{{"images": [left, right], "sentence", "label": "True" | "False"}}]
+  snli_ve_{{train,dev,test}}.json       (dev: val images) one hypothesis of each class per image (`vlalign finetune
+                                      snli_ve`): [{{"image": "images/<split>/KEY" (no .jpg), "sentence", "label":
+                                      "entailment" | "neutral" | "contradiction"}}]
+  grounding_train.json                one referring expression per shape, no boxes: [{{"image", "text", "ref_id"}}]
+  grounding_{{val,testA,testB}}.json    [{{"ref_id", "image", "text", "bbox": [x, y, w, h] (pixels), "image_id",
+                                      "split"}}]; testA: test images with 1-2 shapes, testB: with 3
+  grounding_dets.json                 {{"<image_id>": [[x, y, w, h], ...]}}: 4-8 proposals per val / test image,
+                                      the true boxes among them (`vlalign finetune grounding`)
   tokenizer/                          lower-casing WordPiece tokenizer trained on the train captions (HF format)
 
 Counts: {counts}
