@@ -20,6 +20,7 @@ here once:
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -294,7 +295,7 @@ class ClassificationCollate:
         return batch
 
 
-class ClassificationDataModule(PretrainDataModule):
+class ClassificationDataModule(PretrainDataModule, ABC):
     """Base of the NLVR2 and SNLI-VE data modules: training, validation and test files in one layout.
 
     The tokenizer, image size and text length limit default to the model's: under ``vlalign finetune`` /
@@ -382,9 +383,9 @@ class ClassificationDataModule(PretrainDataModule):
         self._tokenizer: PreTrainedTokenizerBase | None = None
 
     # -- the entry layout -------------------------------------------------------------------------------------------
+    @abstractmethod
     def parse_entry(self, entry: Mapping[str, Any], root: Path) -> tuple[list[Path], str, int]:
         """``(image paths, sentence, label)`` of one entry, or :class:`EntryProblem`."""
-        raise NotImplementedError
 
     # -- tokenizer, image size, text length: given, or the model's ---------------------------------------------------
     @property

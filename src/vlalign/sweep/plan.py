@@ -424,5 +424,5 @@ def _dry_parse_eval(evaluation: EvalPlan) -> None:
         def _run_subcommand(self, subcommand: str | None) -> None:
             pass
 
-    placeholder = str(evaluation.out_dir / "model.ckpt")
-    DryTask(task, [SPLITS[split], *expand_base_configs(rest), "--model.init_from", placeholder], command="evaluate")
+    stand_in = str(evaluation.out_dir / "model.ckpt")
+    DryTask(task, [SPLITS[split], *expand_base_configs(rest), "--model.init_from", stand_in], command="evaluate")

@@ -20,6 +20,7 @@ import dataclasses
 import logging
 import math
 import tempfile
+from abc import ABC, abstractmethod
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -212,7 +213,7 @@ def accuracy_by_index(predictions: Tensor, labels: Tensor, index: Tensor, class_
 
 
 # -- the task -------------------------------------------------------------------------------------------------------
-class ClassificationTask(L.LightningModule):
+class ClassificationTask(L.LightningModule, ABC):
     """Base of :class:`~vlalign.tasks.nlvr2.NLVR2Task` and :class:`~vlalign.tasks.snli_ve.SNLIVETask`.
 
     A subclass sets :attr:`task_name` and :attr:`class_names`, calls :meth:`_start` then :meth:`_finish` from its
@@ -369,9 +370,9 @@ class ClassificationTask(L.LightningModule):
             self.preprocessing = recorded
 
     # -- the model --------------------------------------------------------------------------------------------------
+    @abstractmethod
     def logits(self, batch: Mapping[str, Any], momentum: bool = False) -> Tensor:
         """Class logits ``[B, C]`` of a batch, by the online model or (``momentum``) the teacher."""
-        raise NotImplementedError
 
     def classify(self, fused_cls: Tensor, momentum: bool = False) -> Tensor:
         head = self.head_m if momentum else self.head
