@@ -312,10 +312,15 @@ def test_ctrl_c_stops_the_process_with_sigterm_and_reraises(tmp_path: Path) -> N
             time.sleep(0.05)
         os.kill(os.getpid(), signal.SIGINT)
 
+    # Python's own SIGINT handler even when the test process inherited SIGINT ignored (a background `make test`)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     threading.Thread(target=interrupt, daemon=True).start()
     start = time.time()
-    with pytest.raises(KeyboardInterrupt):
-        runner.run_process([sys.executable, "-c", child], tmp_path / "log.txt", {})
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            runner.run_process([sys.executable, "-c", child], tmp_path / "log.txt", {})
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert stopped.read_text() == "SIGTERM" and time.time() - start < 60
     assert "=== " in (tmp_path / "log.txt").read_text(), "the command heads its log"
 
