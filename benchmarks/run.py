@@ -159,6 +159,21 @@ def retrieval_table(r: dict) -> str:
     )
 
 
+def speed2_table(rows: list[dict]) -> str:
+    lines = ["| reduced config, ITC queue | samples/s | step ms |", "|---|---|---|"]
+    lines += [f"| {r['queue']:,} | {r['samples_per_s']:.1f} | {r['step_ms']:.0f} |" for r in rows]
+    return "\n".join(lines)
+
+
+def run_speed2(args: argparse.Namespace) -> list[dict]:
+    """The Speed II reduced-config rows (``benchmarks/speed2.py``), in a fresh process on the CPU."""
+    from benchmarks.speed2 import bench_rows
+
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(bench_rows, args.steps, args.warmup).result()
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -176,6 +191,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-models", action="store_true")
     parser.add_argument("--skip-data", action="store_true", help="skip the data pipeline (needs webdataset)")
     parser.add_argument("--skip-retrieval", action="store_true")
+    parser.add_argument("--skip-speed2", action="store_true", help="skip the Speed II reduced-config rows (CPU)")
     parser.add_argument("--time-budget-s", type=float, default=None, help="skip model rows started after this")
     parser.add_argument("--out", type=Path, default=None, help="JSON file to write (tables go next to it as .md)")
     args = parser.parse_args(argv)
@@ -212,6 +228,12 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.skip_models:
         run_models(args, peak, report)
         sections.append("## Training step\n\n" + model_table(report["model"]))
+    if not args.skip_speed2 and args.device == "cpu":
+        report["speed2"] = run_speed2(args)
+        sections.append(
+            "## Speed II reduced config (ViT 192×2 at 128 px, stream 2×192, vocab 30,522, batch 8, fp32, SIMLA)\n\n"
+            + speed2_table(report["speed2"])
+        )
     if not args.skip_data:
         from benchmarks.pipeline import run_pipeline
 

@@ -317,8 +317,11 @@ class Objective(Configurable, nn.Module, abc.ABC):
 
 
 @torch.no_grad()
-def ema_update(pairs: list[tuple[nn.Module, nn.Module]], momentum: float) -> None:
-    """``θ_m ← m·θ_m + (1−m)·θ`` over all pairs as one fused foreach op (docs/method.md §1.3)."""
+def ema_update(pairs: list[tuple[nn.Module, nn.Module]], momentum: float, gate: Tensor | None = None) -> None:
+    """``θ_m ← m·θ_m + (1−m)·θ`` over all pairs as one fused foreach op (docs/method.md §1.3).
+
+    ``gate`` (a 0-dim bool tensor on the device): update only where it is true, without reading it on the host
+    (the recipe's device-side non-finite guard); three foreach ops instead of one."""
     online: list[Tensor] = []
     twins: list[Tensor] = []
     seen: set[int] = set()  # a tied weight (MLM decoder = word embeddings) is updated once
@@ -328,5 +331,9 @@ def ema_update(pairs: list[tuple[nn.Module, nn.Module]], momentum: float) -> Non
                 seen.add(id(p_m))
                 online.append(p.detach())
                 twins.append(p_m)
-    if twins:
+    if twins and gate is None:
         torch._foreach_lerp_(twins, online, 1.0 - momentum)
+    elif twins:
+        steps = torch._foreach_sub(online, twins)
+        torch._foreach_mul_(steps, gate.to(twins[0].dtype) * (1.0 - momentum))
+        torch._foreach_add_(twins, steps)

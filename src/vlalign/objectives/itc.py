@@ -172,7 +172,7 @@ class ITC(Objective):
         id_bank = id_cands = None
         if image_ids is not None:
             id_bank = id_cands = self._gather(image_ids)
-        image_feat_m = text_feat_m = None
+        image_feat_m = text_feat_m = image_queue = text_queue = None
         if self.uses_momentum:
             with torch.no_grad():
                 image_feat_m = self.image_features(ctx.image_tokens_m, momentum=True)
@@ -180,8 +180,7 @@ class ITC(Objective):
                 image_bank, text_bank = self._gather(image_feat_m), self._gather(text_feat_m)
                 image_cands, text_cands = image_bank, text_bank
                 if self.queue_size > 0:
-                    image_cands = torch.cat([image_bank, self.image_queue.t()], dim=0)
-                    text_cands = torch.cat([text_bank, self.text_queue.t()], dim=0)
+                    image_queue, text_queue = self.image_queue, self.text_queue
                     if id_bank is not None:
                         id_cands = torch.cat([id_bank, self.image_id_queue])
                     if not self.gather_features:  # the queues take every rank's features all the same
@@ -193,17 +192,18 @@ class ITC(Objective):
         else:
             image_cands, text_cands = self._gather(image_feat), self._gather(text_feat)
 
-        sim_i2t = image_feat @ text_cands.t() / self.temp
-        sim_t2i = text_feat @ image_cands.t() / self.temp
+        distill = self.distill and ctx.alpha > 0
+        sim_i2t, teacher_i2t = self._direction(image_feat, image_feat_m if distill else None, text_cands, text_queue)
+        sim_t2i, teacher_t2i = self._direction(text_feat, text_feat_m if distill else None, image_cands, image_queue)
         if image_ids is not None and id_cands is not None:
             hard = same_image_targets(image_ids, id_cands)
         else:
             hard = positive_targets(batch, sim_i2t.shape[1], sim_i2t.device, offset)
         targets_i2t = targets_t2i = hard
-        if self.distill and ctx.alpha > 0:
+        if teacher_i2t is not None and teacher_t2i is not None:
             with torch.no_grad():
-                targets_i2t = distillation_targets(image_feat_m @ text_cands.t() / self.temp, hard, ctx.alpha)
-                targets_t2i = distillation_targets(text_feat_m @ image_cands.t() / self.temp, hard, ctx.alpha)
+                targets_i2t = distillation_targets(teacher_i2t, hard, ctx.alpha)
+                targets_t2i = distillation_targets(teacher_t2i, hard, ctx.alpha)
         loss = contrastive_loss(sim_i2t, sim_t2i, targets_i2t, targets_t2i)
 
         local = slice(offset, offset + batch)
@@ -220,6 +220,33 @@ class ITC(Objective):
             publish["image_feat_m"] = image_feat_m
         return ObjectiveOutput(loss=loss, logs={"temperature": self.temp.detach()}, publish=publish)
 
+    def _direction(
+        self, query: Tensor, teacher_query: Tensor | None, current: Tensor, queue: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
+        """One direction's logits over the temperature: the student's [B, C (+ Q)] and, given ``teacher_query``
+        (the momentum features), the teacher's, detached. Student and teacher share every candidate, so both go
+        through one product per operand and the queue is read once per direction, not twice."""
+        if teacher_query is None:
+            return self.candidate_logits(query, current, queue) / self.temp, None
+        rows = query.shape[0]
+        both = self.candidate_logits(torch.cat([query, teacher_query.to(query.dtype)]), current, queue) / self.temp
+        return both[:rows], both[rows:].detach()
+
+    @staticmethod
+    def candidate_logits(feat: Tensor, current: Tensor, queue: Tensor | None) -> Tensor:
+        """Dot products [B, C (+ Q)] of ``feat`` [B, D] with this step's candidates ``current`` [C, D], then with
+        the queue's ``queue`` [D, Q] when given.
+
+        The queue is multiplied in its stored [D, Q] layout (``feat @ queue``: a plain matrix product, no copy);
+        only the two logit blocks are concatenated. Concatenating the transposed queue into one [C + Q, D]
+        candidate matrix first costs a strided copy of the whole queue every step (a quarter of a reduced-size
+        CPU step at Q = 65,536; docs/benchmarks.md, "Speed II (CPU)").
+        """
+        logits = feat @ current.t()
+        if queue is None:
+            return logits
+        return torch.cat([logits, feat @ queue.to(feat.dtype)], dim=1)
+
     # -- queue --------------------------------------------------------------------------------------------------
     def begin_step(self) -> None:
         self._pending_mark = len(self._pending)
@@ -231,6 +258,16 @@ class ITC(Objective):
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
         """Write the features of every micro-batch since the last optimizer step into the ring buffers."""
+        self._flush(None)
+
+    @torch.no_grad()
+    def after_optimizer_step_gated(self, applied: Tensor) -> None:
+        """:meth:`after_optimizer_step` where ``applied`` (a 0-dim bool tensor on the device) is true; where it is
+        false the queues, the image-id queue and the pointer keep their values. Never read on the host: the
+        recipe's device-side non-finite guard calls this after every optimizer step."""
+        self._flush(applied)
+
+    def _flush(self, applied: Tensor | None) -> None:
         if not self._pending:
             return
         images = torch.cat([p[0] for p in self._pending])
@@ -238,26 +275,35 @@ class ITC(Objective):
         ids = [p[2] for p in self._pending]
         image_ids = torch.cat(ids) if all(i is not None for i in ids) else None  # type: ignore[arg-type]
         self._pending.clear()
-        self.enqueue(images, texts, image_ids)
+        self.enqueue(images, texts, image_ids, applied=applied)
 
     @torch.no_grad()
-    def enqueue(self, image_feat: Tensor, text_feat: Tensor, image_ids: Tensor | None = None) -> None:
-        """Write features (and, with ``same_image_positives``, their image ids) at the ring buffer's pointer."""
+    def enqueue(
+        self, image_feat: Tensor, text_feat: Tensor, image_ids: Tensor | None = None, applied: Tensor | None = None
+    ) -> None:
+        """Write features (and, with ``same_image_positives``, their image ids) at the ring buffer's pointer.
+
+        ``applied`` (0-dim bool tensor): write only where it is true, decided on the device (no host read)."""
         n = image_feat.shape[0]
+        start = self.queue_ptr
         if n > self.queue_size:  # only the newest queue_size features survive a write larger than the queue
             image_feat, text_feat = image_feat[-self.queue_size :], text_feat[-self.queue_size :]
             image_ids = image_ids[-self.queue_size :] if image_ids is not None else None
-            self.queue_ptr.add_(n - self.queue_size)
+            start = start + (n - self.queue_size)
             n = self.queue_size
-        idx = (self.queue_ptr + torch.arange(n, device=self.queue_ptr.device)) % self.queue_size
-        # index_copy_, not `queue[:, idx] = ...`: writing through an index tensor syncs with the host on CUDA
-        self.image_queue.index_copy_(1, idx, image_feat.t().to(self.image_queue.dtype))
-        self.text_queue.index_copy_(1, idx, text_feat.t().to(self.text_queue.dtype))
+        idx = (start + torch.arange(n, device=start.device)) % self.queue_size
         id_queue = getattr(self, "image_id_queue", None)
+        writes = [(self.image_queue, 1, image_feat.t()), (self.text_queue, 1, text_feat.t())]
         if id_queue is not None:  # features written without ids belong to no image
-            ids = image_ids.to(id_queue) if image_ids is not None else torch.full_like(idx, -1)
-            id_queue.index_copy_(0, idx, ids)
-        self.queue_ptr.copy_((self.queue_ptr + n) % self.queue_size)
+            writes.append((id_queue, 0, image_ids if image_ids is not None else torch.full_like(idx, -1)))
+        for queue, dim, values in writes:
+            values = values.to(queue.dtype)
+            if applied is not None:
+                values = torch.where(applied, values, queue.index_select(dim, idx))
+            # index_copy_, not `queue[:, idx] = ...`: writing through an index tensor syncs with the host on CUDA
+            queue.index_copy_(dim, idx, values)
+        moved = (start + n) % self.queue_size
+        self.queue_ptr.copy_(moved if applied is None else torch.where(applied, moved, self.queue_ptr))
 
 
 def same_image_targets(image_ids: Tensor, candidate_ids: Tensor) -> Tensor:

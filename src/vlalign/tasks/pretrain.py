@@ -183,6 +183,10 @@ class PretrainRecipe(L.LightningModule):
             load_init_weights(self, init_from, min_match=init_min_match)
         self._nonfinite = NonFiniteGuard(max_consecutive_nonfinite)
         self._update_pending = False  # a finite micro-batch since the last optimizer step: EMA / queues follow it
+        # Device-side skip decision (see _use_device_gate): the optimizer it gates, and this step's "applied" flag.
+        self._device_gate: bool | None = None
+        self._gated_optimizer: torch.optim.Optimizer | None = None
+        self._step_applied: Tensor | None = None
         self._rng_to_restore: dict[str, Any] | None = None
         self._eval_store: dict[str, list[Tensor]] = defaultdict(list)
         self.preprocessing: Preprocessing | None = None  # from the data module at setup, or from a checkpoint
@@ -316,6 +320,12 @@ class PretrainRecipe(L.LightningModule):
             meter.forward_done(total)  # places the backward timing hooks
         self.log("train/loss", total.detach(), batch_size=batch_size)
         self.log("train/alpha", ctx.alpha, batch_size=batch_size)
+        if self._use_device_gate():  # no host read: the update, EMA and queue writes are gated on the device
+            applied = self._nonfinite.record_on_device(total, losses, self._trainer)
+            self._gated_optimizer.found_inf = (~applied).float()  # type: ignore[union-attr]
+            self._step_applied = applied
+            self.log("train/nonfinite_steps", self._nonfinite.logged_total(), batch_size=batch_size)
+            return total
         finite = self._nonfinite.is_finite(total, self._trainer)
         if not finite:
             self._nonfinite.skip(losses)
@@ -327,9 +337,43 @@ class PretrainRecipe(L.LightningModule):
         self.log("train/nonfinite_steps", float(self._nonfinite.total), batch_size=batch_size)
         return total if finite else None  # None: Lightning skips backward, the optimizer sees no gradient
 
+    def _use_device_gate(self) -> bool:
+        """Whether this fit skips non-finite steps on the device (decided at its first step).
+
+        Yes when the step can be skipped exactly without the host: one optimizer that honours ``found_inf`` as the
+        AMP grad scaler uses it (fused AdamW, vlalign's default on CUDA: ``model.optim.fused``), no gradient
+        accumulation (a non-finite micro-batch must not spoil the others' gradients), no fp16 grad scaler (it owns
+        ``found_inf``), automatic optimisation. The optimizer then skips the update when the flag is set, EMA and
+        queue writes are gated with it (``ema_update(gate=...)``, ``after_optimizer_step_gated``, or the
+        objective's buffers restored), and the counters stay on the device. Otherwise (and outside a Trainer) the
+        flag is read on the host once per step and a skipped step returns None.
+        """
+        if self._device_gate is None:
+            trainer = self._trainer
+            optimizers = trainer.optimizers if trainer is not None else []
+            self._device_gate = bool(
+                trainer is not None
+                and self.automatic_optimization
+                and len(optimizers) == 1
+                and getattr(optimizers[0], "_step_supports_amp_scaling", False)
+                and trainer.accumulate_grad_batches == 1
+                and getattr(trainer.precision_plugin, "scaler", None) is None
+            )
+            self._gated_optimizer = optimizers[0] if self._device_gate else None
+        return self._device_gate
+
+    def _release_device_gate(self) -> None:
+        if self._gated_optimizer is not None and hasattr(self._gated_optimizer, "found_inf"):
+            del self._gated_optimizer.found_inf
+        self._device_gate, self._gated_optimizer, self._step_applied = None, None, None
+
     def on_fit_start(self) -> None:
         """Only good checkpoints are written from here on, and stale temp files of killed saves are removed."""
+        self._release_device_gate()
         prepare_checkpointing(self.trainer)
+
+    def on_train_end(self) -> None:
+        self._release_device_gate()
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._rng_to_restore is not None:  # here, not at load: nothing between load and step may draw from it
@@ -353,16 +397,29 @@ class PretrainRecipe(L.LightningModule):
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """EMA and queue updates run only after real optimizer steps (correct under gradient accumulation)."""
         super().optimizer_step(*args, **kwargs)
+        applied, self._step_applied = self._step_applied, None
+        if applied is not None:  # device gate: the update happened where `applied` holds; EMA and queues follow it
+            self.after_real_optimizer_step(applied)
+            return
         if not self._update_pending:  # every micro-batch of this step had a non-finite loss: nothing changed
             return
         self._update_pending = False
         self.after_real_optimizer_step()
 
-    def after_real_optimizer_step(self) -> None:
-        """EMA twins and objective hooks (queue writes); also for loops that step the optimizer themselves."""
-        ema_update(self.momentum_pairs(), self.momentum)
+    def after_real_optimizer_step(self, applied: Tensor | None = None) -> None:
+        """EMA twins and objective hooks (queue writes); also for loops that step the optimizer themselves.
+
+        ``applied`` (a 0-dim bool tensor, device-side non-finite guard): every change is made only where it is
+        true, without reading it on the host. An objective gates its own hook with
+        ``after_optimizer_step_gated(applied)`` when it has one (ITC: its queue writes); otherwise its buffers are
+        put back where the step was not applied.
+        """
+        ema_update(self.momentum_pairs(), self.momentum, gate=applied)
         for objective in self.objectives:
-            objective.after_optimizer_step()
+            if applied is None:
+                objective.after_optimizer_step()
+            else:
+                gated_after_optimizer_step(objective, applied)
 
     def configure_model(self) -> None:
         """Compile the encoders in place (``nn.Module.compile``) when ``compile_encoders`` is set; idempotent."""
@@ -420,3 +477,18 @@ class PretrainRecipe(L.LightningModule):
         self.last_retrieval = {stage: recalls}
         for key, value in recalls.items():
             self.log(f"{stage}/{key}", value, rank_zero_only=True, sync_dist=False)
+
+
+@torch.no_grad()
+def gated_after_optimizer_step(objective: Objective, applied: Tensor) -> None:
+    """``objective.after_optimizer_step()`` with its effect kept only where ``applied`` holds (no host read)."""
+    gated = getattr(objective, "after_optimizer_step_gated", None)
+    if gated is not None:
+        gated(applied)
+        return
+    if type(objective).after_optimizer_step is Objective.after_optimizer_step:
+        return  # the default hook does nothing
+    saved = [(buffer, buffer.clone()) for buffer in objective.buffers()]
+    objective.after_optimizer_step()
+    for buffer, before in saved:
+        buffer.copy_(torch.where(applied, buffer, before))

@@ -23,7 +23,7 @@ import socket
 import tempfile
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Mapping
 from contextlib import suppress
 from pathlib import Path
@@ -68,44 +68,182 @@ class NonFiniteLossError(RuntimeError):
     """Training stopped after too many consecutive steps with a non-finite loss."""
 
 
+class _HostMirror:
+    """The latest value of a small device tensor that the host can read without waiting for the device.
+
+    On the CPU a pushed tensor is read at once. On CUDA it is copied without blocking into pinned memory (a few
+    buffers, reused) and becomes the latest value once the copy's event has completed, usually a step later; a
+    push while every buffer is in flight is dropped (the next one carries a newer value).
+    """
+
+    def __init__(self, slots: int = 4) -> None:
+        self.slots = slots
+        self.latest: list[int] | None = None
+        self._free: list[Tensor] = []
+        self._in_flight: deque[tuple[Tensor, Any]] = deque()
+
+    def push(self, value: Tensor) -> None:
+        if value.device.type != "cuda":
+            self.latest = value.tolist()
+            return
+        self.poll()
+        if not self._free:
+            if len(self._in_flight) >= self.slots:
+                return
+            self._free.append(torch.empty(value.shape, dtype=value.dtype, pin_memory=True))
+        host = self._free.pop()
+        host.copy_(value, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._in_flight.append((host, event))
+
+    def poll(self) -> list[int] | None:
+        while self._in_flight and self._in_flight[0][1].query():
+            host, _ = self._in_flight.popleft()
+            self.latest = host.tolist()
+            self._free.append(host)
+        return self.latest
+
+
 class NonFiniteGuard:
     """Decides, once per training step, whether the total loss is finite, and keeps the counts.
 
-    A non-finite step is skipped by the recipe: ``training_step`` returns None, so Lightning runs no backward and
-    the optimizer finds no gradient (parameters unchanged); the EMA update and the queue writes are skipped too.
-    The step counter and the learning-rate schedule still advance, as with a mixed-precision overflow step.
+    A non-finite step is skipped: no parameter update, no EMA update, no queue write. The step counter and the
+    learning-rate schedule still advance, as with a mixed-precision overflow step. Two ways to skip:
+
+    - **on the host** (:meth:`is_finite`, :meth:`skip`, :meth:`finite_step`): the flag is read on the host, one
+      sync per step; ``training_step`` returns None, so Lightning runs no backward and the optimizer finds no
+      gradient.
+    - **on the device** (:meth:`record_on_device`): the flag stays a device tensor. The caller gates the update
+      with it (fused AdamW's ``found_inf``, gated EMA and queue writes) and the counters are device tensors too,
+      read on the host only when logged, checkpointed or when the run stops. :attr:`exceeded` reads a copy that
+      arrives without waiting (on CUDA usually one step later, so a stop may come one or two steps after the
+      limit; the message reports the streak as it was when the limit was reached).
+
+    ``total``, ``consecutive`` and ``objectives`` are exact in both modes (a host read of the device counters).
     """
 
     def __init__(self, max_consecutive: int = 10) -> None:
         if max_consecutive < 1:
             raise ConfigError(f"model.max_consecutive_nonfinite must be >= 1, got {max_consecutive}")
         self.max_consecutive = max_consecutive
-        self.total = 0  # skipped steps over the run (checkpointed)
-        self.consecutive = 0
-        self.objectives: Counter[str] = Counter()  # objectives with a non-finite loss in the current streak
+        self._total = 0  # skipped steps over the run (checkpointed)
+        self._consecutive = 0
+        self._objectives: Counter[str] = Counter()  # objectives with a non-finite loss in the current streak
         self.saving_forensic = False  # True while stop() writes nonfinite-stop.ckpt
+        # device mode: int64 [total, consecutive, limit reached, K streak counts, K counts when the limit was reached]
+        self._state: Tensor | None = None
+        self._names: tuple[str, ...] = ()
+        self._mirror = _HostMirror()
+        self._at_limit: Counter[str] | None = None  # the streak's objectives when the limit was reached (device)
 
+    # -- counts, exact in both modes --------------------------------------------------------------------------------
+    def _pull(self) -> None:
+        """Copy the device counters into the host fields (a host read: logging / checkpoint / stop time only)."""
+        if self._state is None:
+            return
+        values = self._state.tolist()
+        k = len(self._names)
+        self._total, self._consecutive = values[0], values[1]
+        self._objectives = Counter({n: c for n, c in zip(self._names, values[3 : 3 + k], strict=True) if c})
+
+    def _to_host_mode(self) -> None:
+        if self._state is None:
+            return
+        self._pull()
+        self._state = None
+        self._mirror = _HostMirror()
+        self._at_limit = None
+
+    @property
+    def total(self) -> int:
+        self._pull()
+        return self._total
+
+    @total.setter
+    def total(self, value: int) -> None:  # a resumed run's count (the device counters restart from the host's)
+        self._to_host_mode()
+        self._total = int(value)
+
+    @property
+    def consecutive(self) -> int:
+        self._pull()
+        return self._consecutive
+
+    @property
+    def objectives(self) -> Counter[str]:
+        self._pull()
+        return self._objectives
+
+    # -- on the host ------------------------------------------------------------------------------------------------
     def is_finite(self, total: Tensor, trainer: L.Trainer | None) -> bool:
         """One host sync per step; under DDP all ranks agree, so they all skip together (no hanging all-reduce)."""
+        return bool(self._finite_flag(total, trainer).item())
+
+    @staticmethod
+    def _finite_flag(total: Tensor, trainer: L.Trainer | None) -> Tensor:
         finite = torch.isfinite(total.detach()).all()
         if trainer is not None and trainer.world_size > 1:
-            finite = trainer.strategy.reduce(finite.float(), reduce_op="min")
-        return bool(finite.item())
+            finite = trainer.strategy.reduce(finite.float(), reduce_op="min") > 0
+        return finite
 
     def skip(self, losses: dict[str, Tensor]) -> None:
         """Count a skipped step and note which objectives went non-finite (the recipe rolls their state back)."""
-        self.total += 1
-        self.consecutive += 1
+        self._to_host_mode()
+        self._total += 1
+        self._consecutive += 1
         bad = [name for name, loss in losses.items() if not bool(torch.isfinite(loss.detach()).all())]
-        self.objectives.update(bad or (["the weighted sum"] if losses else []) or ["another rank"])
+        self._objectives.update(bad or (["the weighted sum"] if losses else []) or ["another rank"])
 
     def finite_step(self) -> None:
-        self.consecutive = 0
-        self.objectives.clear()
+        self._to_host_mode()
+        self._consecutive = 0
+        self._objectives.clear()
+
+    # -- on the device ----------------------------------------------------------------------------------------------
+    def record_on_device(self, total: Tensor, losses: dict[str, Tensor], trainer: L.Trainer | None) -> Tensor:
+        """Count this step on the device and return whether it is applied (a 0-dim bool tensor: all ranks'
+        totals finite). Nothing is read on the host; the caller gates the update with the flag."""
+        finite = self._finite_flag(total, trainer)
+        names = (*losses, "the weighted sum") if losses else ("another rank",)
+        if self._state is None or names != self._names or self._state.device != finite.device:
+            self._pull()
+            counts = [self._objectives.get(n, 0) for n in names]
+            at_limit = int(self._consecutive >= self.max_consecutive)
+            host = [self._total, self._consecutive, at_limit, *counts, *counts]
+            self._names, self._mirror, self._at_limit = names, _HostMirror(), None
+            self._state = torch.tensor(host, dtype=torch.long).to(finite.device)
+        state, k = self._state, len(names)
+        skipped = (~finite).long()
+        if losses:
+            bad = torch.stack([~torch.isfinite(loss.detach()).all() for loss in losses.values()])
+            flags = torch.cat([bad, ~bad.any().reshape(1)]).long()
+        else:
+            flags = torch.ones(1, dtype=torch.long, device=state.device)
+        counts = (state[3 : 3 + k] + flags * skipped) * skipped  # a finite step ends the streak
+        consecutive = (state[1] + 1) * skipped
+        limit = state[2] | (consecutive >= self.max_consecutive).long()
+        at_limit = torch.where(state[2] > 0, state[3 + k :], counts)  # frozen once the limit is reached
+        state.copy_(torch.cat([(state[0] + skipped).reshape(1), consecutive.reshape(1), limit.reshape(1), counts,
+                               at_limit]))  # fmt: skip
+        self._mirror.push(state)
+        return finite
+
+    def logged_total(self) -> Tensor | float:
+        """The skipped-step count to log: a device tensor in device mode (no host read), else a float."""
+        return self._state[0].float() if self._state is not None else float(self._total)
 
     @property
     def exceeded(self) -> bool:
-        return self.consecutive >= self.max_consecutive
+        """Whether the streak reached ``max_consecutive`` (device mode: as far as the host has seen, no wait)."""
+        if self._state is None:
+            return self._consecutive >= self.max_consecutive
+        seen = self._mirror.poll()
+        if seen is None or not seen[2]:
+            return False
+        k = len(self._names)
+        self._at_limit = Counter({n: c for n, c in zip(self._names, seen[3 + k :], strict=True) if c})
+        return True
 
     def checkpoint_state(self) -> dict[str, Any]:
         """The :data:`NONFINITE_STATE_KEY` entry of a checkpoint saved now (read by :class:`GoodCheckpoints`)."""
@@ -123,7 +261,11 @@ class NonFiniteGuard:
             trainer.save_checkpoint(path)
         finally:
             self.saving_forensic = False
-        names = ", ".join(f"{name} ({count} steps)" for name, count in self.objectives.most_common())
+        if self._at_limit is not None:  # device mode: the streak as it was when the limit was reached
+            streak, objectives = self.max_consecutive, self._at_limit
+        else:
+            streak, objectives = self.consecutive, self.objectives
+        names = ", ".join(f"{name} ({count} steps)" for name, count in objectives.most_common())
         good = trainer.strategy.broadcast(last_good_checkpoint(trainer))  # rank zero writes, so it knows
         if good is not None:
             where, step = good
@@ -139,7 +281,7 @@ class NonFiniteGuard:
                 "or switch to bf16 / fp32 precision, then start again."
             )
         raise NonFiniteLossError(
-            f"{self.consecutive} consecutive training steps had a non-finite (NaN or infinite) loss, the limit set by "
+            f"{streak} consecutive training steps had a non-finite (NaN or infinite) loss, the limit set by "
             f"model.max_consecutive_nonfinite; non-finite objective losses: {names}. Skipped steps so far: "
             f"{self.total}. Stopped at global step {trainer.global_step}; the state at the stop, for inspection "
             f"only: {path}. {resume}"

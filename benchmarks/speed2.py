@@ -1,0 +1,446 @@
+"""Speed II on the CPU: ``python -m benchmarks.speed2`` (reduced config, ITC queue 4,096 and 65,536).
+
+The reduced config of docs/benchmarks.md "Speed II (CPU)": a ViT of width 192, depth 2, 3 heads and 16-px patches
+at 128 px; a 2-layer stream of width 192 (3 heads, intermediate 768, cross-attention in every layer); embedding
+256; vocabulary 30,522; batch 8; fp32; ITC, ITM, XMM (text and image side) and PSL. vlalign has no image target
+that reads precomputed code ids, so this file defines one (:class:`PrecomputedCodes`: random ids of an 8,192-word
+codebook carried in the batch, as a dVAE's codes computed ahead of training would be), and the MIM head predicts
+8,192 classes as with dVAE targets, without running a dVAE.
+
+One step is ``vlalign.testing.train_step`` (forward, backward, AdamW, EMA and queue updates; no Trainer) on one
+fixed random batch. With ``--compare`` (the default) every queue size is timed with ITC's current forward
+(**after**) and with ITC's forward of ``--before-commit`` (**before**: read with ``git show`` and executed in this
+process), on the same model, in interleaved blocks of ``--block`` steps whose order rotates every round, so a
+change of machine load hits both alike. Per setting: the median over rounds of the per-step wall time and process
+CPU time of a block, samples/s from the wall time, and after/before ratios (median of the per-round ratios); the
+load average before and after. ``--profile`` adds a ``torch.profiler`` table (top 10 by self CPU time) per
+setting. ``--out`` writes JSON and the markdown next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import time
+import types
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlalign.objectives.image_targets import ImageTargets
+
+#: The last commit before Speed II's ITC change: its ITC.forward concatenates the transposed queue into the
+#: candidate matrix every step.
+BEFORE_COMMIT = "ec056252a6a9f6701b8d3c2cd58bd2347d15ef3c"
+QUEUES = (4096, 65536)
+BATCH, TEXT_LENGTH, IMAGE, PATCH, VOCAB, CODEBOOK = 8, 25, 128, 16, 30522, 8192
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = {
+    "reduced": "ViT 192x2 (16 px, 128 px), stream 2x192 (3 heads, 768, cross-attention every layer), embed 256, "
+    "vocab 30522, batch 8, fp32, ITC+ITM+XMM(text + image: precomputed code ids, 8192 classes)+PSL",
+    "tiny": "simla_tiny.yaml sizes (benchmarks/model.py 'tiny'), queue 1024, batch 32, fp32, SIMLA, pixel targets",
+}
+
+
+# -- the reduced config -----------------------------------------------------------------------------------------------
+def _register_vit() -> str:
+    """A timm ViT of width 192, depth 2, 3 heads, MLP ratio 4, 16-px patches at 128 px (registered once)."""
+    from timm.models import build_model_with_cfg, is_model, register_model
+    from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+    name = "vit_speed2_reduced_patch16"
+    if is_model(name):
+        return name
+
+    def build(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+        cfg = {"input_size": (3, IMAGE, IMAGE), "num_classes": 0, "first_conv": "patch_embed.proj"}
+        kwargs.pop("pretrained_cfg", None)
+        args = {"img_size": IMAGE, "patch_size": PATCH, "embed_dim": 192, "depth": 2, "num_heads": 3}
+        return build_model_with_cfg(
+            VisionTransformer, name, pretrained=False, pretrained_cfg=cfg, pretrained_filter_fn=checkpoint_filter_fn,
+            **{**args, "mlp_ratio": 4.0, "qkv_bias": True, **kwargs},
+        )  # fmt: skip
+
+    build.__name__ = name
+    register_model(build)
+    return name
+
+
+class PrecomputedCodes(ImageTargets):
+    """Image-side targets given as code ids in ``batch["image_codes"]`` [B, N] (no tokenizer runs in the step)."""
+
+    def __init__(self, codebook: int = CODEBOOK) -> None:
+        super().__init__()
+        self.num_classes = codebook
+
+    def targets(self, batch: dict[str, Any]) -> torch.Tensor:
+        return batch["image_codes"]
+
+
+def build_reduced(queue_size: int) -> Any:
+    """The reduced-config PretrainRecipe with random weights and an ITC queue of ``queue_size``."""
+    from vlalign.data.tokenization import VocabInfo
+    from vlalign.models.stream import StreamConfig
+    from vlalign.models.vision import VisionConfig
+    from vlalign.objectives.itc import ITC
+    from vlalign.objectives.itm import ITM
+    from vlalign.objectives.psl import PSL
+    from vlalign.objectives.xmm import XMM
+    from vlalign.tasks.pretrain import PretrainRecipe
+
+    stream = StreamConfig(
+        vocab_size=VOCAB, hidden_size=192, num_layers=2, num_heads=3, intermediate_size=768,
+        max_position_embeddings=80, encoder_width=192,
+    )  # fmt: skip
+    return PretrainRecipe(
+        vision=VisionConfig(name=_register_vit(), img_size=IMAGE),
+        stream=stream,
+        vocab=VocabInfo(vocab_size=VOCAB),
+        itc=ITC(embed_dim=256, queue_size=queue_size),
+        itm=ITM(),
+        xmm=XMM(image_targets=PrecomputedCodes()),
+        psl=PSL(),
+    )
+
+
+def make_batch(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Captions of 8–25 BERT ids padded to 25, 19 of 64 patches masked (BEiT's 75/256), code ids per patch."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, VOCAB, (BATCH, TEXT_LENGTH), generator=g)
+    lengths = torch.randint(8, TEXT_LENGTH + 1, (BATCH,), generator=g)
+    lengths[0] = TEXT_LENGTH
+    positions = torch.arange(TEXT_LENGTH)[None, :]
+    mask = positions < lengths[:, None]
+    ids[:, 0] = 101  # [CLS]
+    ids = torch.where(positions == lengths[:, None] - 1, torch.full_like(ids, 102), ids).masked_fill(~mask, 0)
+    grid = IMAGE // PATCH
+    order = torch.rand(BATCH, grid * grid, generator=g).argsort(dim=1)
+    patch_mask = torch.zeros(BATCH, grid * grid, dtype=torch.bool)
+    patch_mask.scatter_(1, order[:, : round(75 * grid * grid / 256)], True)
+    return {
+        "image": torch.randn(BATCH, 3, IMAGE, IMAGE, generator=g),
+        "input_ids": ids,
+        "attention_mask": mask.long(),
+        "patch_mask": patch_mask.view(BATCH, grid, grid),
+        "image_codes": torch.randint(CODEBOOK, (BATCH, grid * grid), generator=g),
+    }
+
+
+# -- the code path before ----------------------------------------------------------------------------------------------
+def before_itc_forward(commit: str) -> Any:
+    """``ITC.forward`` as of ``commit`` (``git show`` of objectives/itc.py, executed here; the registry is left as
+    it was). Raises RuntimeError when the repository's history is not available."""
+    from vlalign.objectives import base
+
+    try:
+        source = subprocess.run(
+            ["git", "show", f"{commit}:src/vlalign/objectives/itc.py"],
+            cwd=REPO, check=True, capture_output=True, text=True,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.CalledProcessError) as err:
+        raise RuntimeError(f"cannot read objectives/itc.py at {commit} (pass --no-compare): {err}") from err
+    module = types.ModuleType("benchmarks._itc_before")
+    registered = dict(base.OBJECTIVES)
+    try:
+        exec(compile(source, f"{commit[:10]}:src/vlalign/objectives/itc.py", "exec"), module.__dict__)
+    finally:
+        base.OBJECTIVES.clear()
+        base.OBJECTIVES.update(registered)
+    return module.ITC.forward
+
+
+# -- measuring --------------------------------------------------------------------------------------------------------
+def setup(queues: tuple[int, ...], recipe_name: str = "reduced") -> tuple[dict[int, tuple[Any, Any]], dict]:
+    """One recipe (same seed: same weights) and AdamW optimizer per queue size, and the batch. ``tiny``:
+    ``benchmarks/model.py``'s tiny SIMLA row (simla_tiny.yaml sizes, queue 1,024, batch 32, pixel targets)."""
+    import tempfile
+
+    from benchmarks.model import RECIPES, Case, build_recipe
+    from benchmarks.model import make_batch as tiny_batch
+    from vlalign.tasks.optim import build_optimizer
+
+    built = {}
+    for queue in queues:
+        torch.manual_seed(0)
+        if recipe_name == "tiny":
+            if queue != RECIPES["tiny"].queue_size:
+                raise SystemExit(f"--recipe tiny has queue {RECIPES['tiny'].queue_size}: pass --queues accordingly")
+            with tempfile.TemporaryDirectory() as tmp:
+                recipe = build_recipe(Case("speed2", "tiny"), Path(tmp))[0].train()
+        else:
+            recipe = build_reduced(queue).train()
+        optimizer = build_optimizer(recipe, recipe.optim, total_steps=100_000)["optimizer"]
+        built[queue] = (recipe, optimizer)
+    batch = tiny_batch(Case("speed2", "tiny"), torch.device("cpu")) if recipe_name == "tiny" else make_batch()
+    return built, batch
+
+
+@contextlib.contextmanager
+def itc_forward_of(itc: Any, forward: Any | None) -> Any:
+    """Run ``itc`` with ``forward`` (a function of (self, ctx)) for the block; None: the current code."""
+    if forward is None:
+        yield
+        return
+    itc.forward = types.MethodType(forward, itc)
+    try:
+        yield
+    finally:
+        del itc.forward
+
+
+def itc_forward(recipe: Any, forward: Any | None) -> Any:
+    return itc_forward_of(recipe.itc, forward)
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    from vlalign.testing import train_step
+
+    warnings.filterwarnings("ignore", message=".*self.log.*")  # training_step outside a Trainer
+    forwards: dict[str, Any] = {"after": None}
+    if args.compare:
+        forwards["before"] = before_itc_forward(args.before_commit)
+    built, batch = setup(args.queues, args.recipe)
+    batch_size = int(batch["input_ids"].shape[0])
+
+    def block(queue: int, setting: str, steps: int) -> tuple[float, float]:
+        recipe, optimizer = built[queue]
+        with itc_forward(recipe, forwards[setting]):
+            wall, cpu = time.perf_counter(), time.process_time()
+            for _ in range(steps):
+                train_step(recipe, batch, optimizer)
+            return (time.perf_counter() - wall) * 1e3 / steps, (time.process_time() - cpu) * 1e3 / steps
+
+    for queue in args.queues:
+        for setting in forwards:
+            block(queue, setting, args.warmup)
+    load_before = os.getloadavg()
+    keys = [(queue, setting) for queue in args.queues for setting in forwards]
+    wall: dict[tuple[int, str], list[float]] = {key: [] for key in keys}
+    cpu: dict[tuple[int, str], list[float]] = {key: [] for key in keys}
+    for index in range(args.rounds):
+        for key in keys[index % len(keys) :] + keys[: index % len(keys)]:  # rotate: no setting always runs first
+            step_wall, step_cpu = block(*key, args.block)
+            wall[key].append(step_wall)
+            cpu[key].append(step_cpu)
+    load_after = os.getloadavg()
+    rows = []
+    for queue, setting in keys:
+        row: dict[str, Any] = {
+            "queue": queue,
+            "setting": setting,
+            "step_ms_median": statistics.median(wall[queue, setting]),
+            "cpu_ms_median": statistics.median(cpu[queue, setting]),
+            "samples_per_s": batch_size / statistics.median(wall[queue, setting]) * 1e3,
+            "samples_per_cpu_s": batch_size / statistics.median(cpu[queue, setting]) * 1e3,
+            "block_step_ms": wall[queue, setting],
+            "block_cpu_ms": cpu[queue, setting],
+        }
+        if setting != "before" and (queue, "before") in wall:
+            before_wall, before_cpu = wall[queue, "before"], cpu[queue, "before"]
+            row["speedup_wall"] = statistics.median(
+                b / a for a, b in zip(wall[queue, setting], before_wall, strict=True)
+            )
+            row["speedup_cpu"] = statistics.median(b / a for a, b in zip(cpu[queue, setting], before_cpu, strict=True))
+        rows.append(row)
+    result: dict[str, Any] = {
+        "config": CONFIGS[args.recipe],
+        "batch_size": batch_size,
+        "threads": torch.get_num_threads(),
+        "rounds": args.rounds,
+        "block": args.block,
+        "warmup": args.warmup,
+        "before_commit": args.before_commit if args.compare else None,
+        "load_average_before": load_before,
+        "load_average_after": load_after,
+        "rows": rows,
+        "torch": torch.__version__,
+    }
+    if args.profile:
+        result["profiles"] = {
+            f"{setting} q{queue}": profile_table(
+                built[queue], batch, forwards[setting], args.profile_steps, args.profile_shapes
+            )
+            for queue in args.queues
+            for setting in forwards
+        }
+    return result
+
+
+def profile_table(
+    built: tuple[Any, Any], batch: dict[str, torch.Tensor], forward: Any, steps: int, by_shape: bool = False
+) -> dict:
+    """``torch.profiler`` over ``steps`` train steps: the top 10 operators (with ``by_shape``: operator and input
+    shapes) by self CPU time, per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from vlalign.testing import train_step
+
+    recipe, optimizer = built
+    with itc_forward(recipe, forward):
+        train_step(recipe, batch, optimizer)  # warm
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=by_shape) as prof:
+            for _ in range(steps):
+                train_step(recipe, batch, optimizer)
+    averages = prof.key_averages(group_by_input_shape=by_shape)
+    events = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    top = [
+        {
+            "name": f"{e.key} {e.input_shapes}" if by_shape else e.key,
+            "self_cpu_ms_per_step": e.self_cpu_time_total / 1e3 / steps,
+            "self_cpu_share": e.self_cpu_time_total / total,
+            "calls_per_step": e.count / steps,
+        }
+        for e in events[:10]
+    ]
+    return {"steps": steps, "self_cpu_ms_per_step": total / 1e3 / steps, "top": top}
+
+
+def itc_only(commit: str, repeats: int = 20) -> list[dict[str, Any]]:
+    """ITC's forward + backward alone (random encoder outputs, distillation on, queue writes left out), current
+    vs ``commit``'s forward, median process CPU time: the tiny recipe's sizes and the reduced config's."""
+    from vlalign.data.tokenization import VocabInfo
+    from vlalign.objectives.base import BuildSpec
+    from vlalign.objectives.itc import ITC
+
+    before = before_itc_forward(commit)
+    rows = []
+    for batch, width, embed, queue in ((32, 128, 64, 1024), (8, 192, 256, 4096), (8, 192, 256, 65536)):
+        torch.manual_seed(0)
+        itc = ITC(embed_dim=embed, queue_size=queue)
+        itc.build(BuildSpec(width, width, VocabInfo(vocab_size=50), (2, 2), 8, momentum=True))
+        ctx = types.SimpleNamespace(
+            image_tokens=torch.randn(batch, 5, width, requires_grad=True),
+            text_states=torch.randn(batch, 9, width, requires_grad=True),
+            image_tokens_m=torch.randn(batch, 5, width),
+            text_states_m=torch.randn(batch, 9, width),
+            attention_mask=torch.ones(batch, 9, dtype=torch.long),
+            batch={},
+            alpha=0.4,
+            published={},
+        )
+        row: dict[str, Any] = {"batch": batch, "embed": embed, "queue": queue}
+        for setting in ("after", "before", "after", "before"):  # twice each, interleaved; the second pass counts
+            with itc_forward_of(itc, before if setting == "before" else None):
+                times = []
+                for _ in range(repeats):
+                    cpu = time.process_time()
+                    itc(ctx).loss.backward()
+                    itc._pending.clear()
+                    times.append(time.process_time() - cpu)
+            row[f"{setting}_cpu_ms"] = statistics.median(times) * 1e3
+        rows.append(row)
+    return rows
+
+
+# -- reporting --------------------------------------------------------------------------------------------------------
+def _load(values: list[float]) -> str:
+    return "/".join(f"{x:.2f}" for x in values)
+
+
+def report(result: dict[str, Any]) -> str:
+    lines = [
+        f"Speed II, {result['config']}; CPU, {result['threads']} thread(s), {result['rounds']} rounds x {result['block']} "
+        f"steps per setting, interleaved; torch {result['torch']}",
+        f"load average (1/5/15 min) before {_load(result['load_average_before'])}, after "
+        f"{_load(result['load_average_after'])}",
+        "",
+        "| queue | ITC path | step ms, wall (median) | CPU ms per step (median) | samples/s | samples per CPU-s "
+        "| speed-up over before, wall / CPU |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in result["rows"]:
+        speedup = f"{row['speedup_wall']:.2f}× / {row['speedup_cpu']:.2f}×" if "speedup_wall" in row else "–"
+        lines.append(
+            f"| {row['queue']:,} | {row['setting']} | {row['step_ms_median']:.1f} | {row['cpu_ms_median']:.1f} "
+            f"| {row['samples_per_s']:.1f} | {row['samples_per_cpu_s']:.1f} | {speedup} |"
+        )
+    for name, table in result.get("profiles", {}).items():
+        lines += [
+            "",
+            f"torch.profiler, {name}: {table['self_cpu_ms_per_step']:.1f} ms self CPU per step ({table['steps']} steps)",
+            "",
+            "| operator | self CPU ms per step | share | calls per step |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| `{e['name']}` | {e['self_cpu_ms_per_step']:.1f} | {100 * e['self_cpu_share']:.1f}% "
+            f"| {e['calls_per_step']:g} |"
+            for e in table["top"]
+        ]
+    return "\n".join(lines)
+
+
+def bench_rows(steps: int, warmup: int) -> list[dict[str, Any]]:
+    """The ``make bench`` rows: the current code at each queue size, ``steps`` timed steps after ``warmup``."""
+    from vlalign.testing import train_step
+
+    warnings.filterwarnings("ignore", message=".*self.log.*")
+    built, batch = setup(QUEUES)
+    rows = []
+    for queue, (recipe, optimizer) in built.items():
+        times = []
+        for index in range(warmup + steps):
+            start = time.perf_counter()
+            train_step(recipe, batch, optimizer)
+            if index >= warmup:
+                times.append(time.perf_counter() - start)
+        median = statistics.median(times)
+        rows.append({"queue": queue, "step_ms": median * 1e3, "samples_per_s": BATCH / median})
+    return rows
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.speed2", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipe", choices=sorted(CONFIGS), default="reduced")
+    parser.add_argument("--queues", default=None, help="comma-separated ITC queue sizes (reduced: 4096,65536)")
+    parser.add_argument("--rounds", type=int, default=5, help="blocks per setting")
+    parser.add_argument("--block", type=int, default=3, help="steps per block")
+    parser.add_argument("--warmup", type=int, default=2, help="unmeasured steps per setting before the first block")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--no-compare", dest="compare", action="store_false", help="time the current code only")
+    parser.add_argument("--before-commit", default=BEFORE_COMMIT, help="commit whose ITC.forward is 'before'")
+    parser.add_argument("--profile", action="store_true", help="add torch.profiler top-10 tables")
+    parser.add_argument("--itc-only", action="store_true", help="time ITC's forward + backward alone, then exit")
+    parser.add_argument("--profile-steps", type=int, default=3)
+    parser.add_argument("--profile-shapes", action="store_true", help="profile rows per operator and input shapes")
+    parser.add_argument("--out", type=Path, default=None, help="write JSON (and the markdown next to it)")
+    args = parser.parse_args(argv)
+    default = QUEUES if args.recipe == "reduced" else (1024,)
+    args.queues = tuple(int(q) for q in args.queues.split(",")) if args.queues else default
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.itc_only:
+        rows = itc_only(args.before_commit)
+        print("| batch | embed | queue | ITC fwd+bwd CPU ms, after | before | speed-up |\n|---|---|---|---|---|---|")
+        for r in rows:
+            speedup = r["before_cpu_ms"] / r["after_cpu_ms"]
+            print(f"| {r['batch']} | {r['embed']} | {r['queue']:,} | {r['after_cpu_ms']:.2f} | {r['before_cpu_ms']:.2f} "
+                  f"| {speedup:.2f}× |")  # fmt: skip
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({"itc_only": rows, "threads": torch.get_num_threads()}, indent=1) + "\n")
+        return {"itc_only": rows}
+    result = measure(args)
+    text = report(result)
+    print(text)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        args.out.with_suffix(".md").write_text(text + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
