@@ -7,11 +7,12 @@ that reads precomputed code ids, so this file defines one (:class:`PrecomputedCo
 codebook carried in the batch, as a dVAE's codes computed ahead of training would be), and the MIM head predicts
 8,192 classes as with dVAE targets, without running a dVAE.
 
-One step is ``vlalign.testing.train_step`` (forward, backward, AdamW, EMA and queue updates; no Trainer) on one
-fixed random batch. With ``--compare`` (the default) every queue size is timed with ITC's current forward
-(**after**) and with ITC's forward of ``--before-commit`` (**before**: read with ``git show`` and executed in this
-process), on the same model, in interleaved blocks of ``--block`` steps whose order rotates every round, so a
-change of machine load hits both alike. Per setting: the median over rounds of the per-step wall time and process
+One step is ``vlalign.testing.train_step`` (forward, backward, AdamW with the recipe's default settings, EMA and
+queue updates; no Trainer) on one fixed random batch. Each (code, queue size) setting runs in its own worker
+process: **after** imports vlalign from this working tree, **before** (with ``--compare``, the default) from an
+export of ``--before-commit`` (``git archive`` of its ``src``: the whole library as it was, not one swapped
+function). Same seed, same weights and batch; the workers are timed one at a time in interleaved blocks of
+``--block`` steps whose order rotates every round, so a change of machine load hits all settings alike. Per setting: the median over rounds of the per-step wall time and process
 CPU time of a block, samples/s from the wall time, and after/before ratios (median of the per-round ratios); the
 load average before and after. ``--profile`` adds a ``torch.profiler`` table (top 10 by self CPU time) per
 setting. ``--out`` writes JSON and the markdown next to it.
@@ -35,8 +36,8 @@ import torch
 
 from vlalign.objectives.image_targets import ImageTargets
 
-#: The last commit before Speed II's ITC change: its ITC.forward concatenates the transposed queue into the
-#: candidate matrix every step.
+#: The last commit before the Speed II changes ("today" in issue 13): its ITC.forward concatenates the transposed
+#: queue into the candidate matrix every step, its AdamW on the CPU is the foreach kernel.
 BEFORE_COMMIT = "ec056252a6a9f6701b8d3c2cd58bd2347d15ef3c"
 QUEUES = (4096, 65536)
 BATCH, TEXT_LENGTH, IMAGE, PATCH, VOCAB, CODEBOOK = 8, 25, 128, 16, 30522, 8192
@@ -161,10 +162,11 @@ def setup(queues: tuple[int, ...], recipe_name: str = "reduced") -> tuple[dict[i
     ``benchmarks/model.py``'s tiny SIMLA row (simla_tiny.yaml sizes, queue 1,024, batch 32, pixel targets)."""
     import tempfile
 
-    from benchmarks.model import RECIPES, Case, build_recipe
-    from benchmarks.model import make_batch as tiny_batch
     from vlalign.tasks.optim import build_optimizer
 
+    if recipe_name == "tiny":
+        from benchmarks.model import RECIPES, Case, build_recipe
+        from benchmarks.model import make_batch as tiny_batch
     built = {}
     for queue in queues:
         torch.manual_seed(0)
@@ -194,41 +196,121 @@ def itc_forward_of(itc: Any, forward: Any | None) -> Any:
         del itc.forward
 
 
-def itc_forward(recipe: Any, forward: Any | None) -> Any:
-    return itc_forward_of(recipe.itc, forward)
+def _steps(recipe: Any, optimizer: Any, batch: dict, steps: int) -> tuple[float, float]:
+    """Wall and process CPU milliseconds per step over ``steps`` train steps."""
+    from vlalign.testing import train_step
+
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(steps):
+        train_step(recipe, batch, optimizer)
+    return (time.perf_counter() - wall) * 1e3 / steps, (time.process_time() - cpu) * 1e3 / steps
+
+
+def worker(args: argparse.Namespace) -> None:
+    """``--worker``: build one recipe (``--queues`` holds one size), then answer commands on stdin, one JSON line
+    each: ``time N`` (wall and CPU ms per step over N steps), ``profile N [shapes]`` (:func:`profile_table`)."""
+    import sys
+
+    import vlalign
+
+    warnings.filterwarnings("ignore", message=".*self.log.*")  # training_step outside a Trainer
+    built, batch = setup(args.queues, args.recipe)
+    ((recipe, optimizer),) = built.values()
+    fused = any(group.get("fused") for group in optimizer.param_groups)
+    print(json.dumps({"ready": True, "vlalign": vlalign.__file__, "fused_adamw": fused}), flush=True)
+    for line in sys.stdin:
+        command, *rest = line.split()
+        if command == "time":
+            wall, cpu = _steps(recipe, optimizer, batch, int(rest[0]))
+            print(json.dumps({"wall_ms": wall, "cpu_ms": cpu}), flush=True)
+        elif command == "profile":
+            print(json.dumps(profile_table(built[args.queues[0]], batch, int(rest[0]), bool(rest[1:]))), flush=True)
+        else:
+            raise SystemExit(f"unknown worker command {command!r}")
+
+
+class Worker:
+    """A ``--worker`` subprocess timing one (code, queue) setting; ``source`` is the ``src`` folder it imports
+    vlalign from (the working tree, or a checkout of the before commit)."""
+
+    def __init__(self, source: Path, recipe: str, queue: int, threads: int | None) -> None:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(source), str(REPO)])}
+        command = [os.sys.executable, "-m", "benchmarks.speed2", "--worker", "--recipe", recipe, "--queues", str(queue)]
+        if threads:
+            command += ["--threads", str(threads)]
+        self.process = subprocess.Popen(
+            command, cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )  # fmt: skip
+        self.info = self._read()
+        if Path(self.info["vlalign"]).resolve().parents[1] != source.resolve():
+            raise RuntimeError(f"worker imported vlalign from {self.info['vlalign']}, expected {source}")
+
+    def _read(self) -> dict:
+        line = self.process.stdout.readline()  # type: ignore[union-attr]
+        if not line:
+            raise RuntimeError(f"benchmark worker exited with {self.process.wait()}")
+        return json.loads(line)
+
+    def ask(self, command: str) -> dict:
+        self.process.stdin.write(command + "\n")  # type: ignore[union-attr]
+        self.process.stdin.flush()  # type: ignore[union-attr]
+        return self._read()
+
+    def close(self) -> None:
+        self.process.stdin.close()  # type: ignore[union-attr]
+        self.process.wait()
+
+
+@contextlib.contextmanager
+def before_tree(commit: str) -> Any:
+    """A read-only export of ``commit``'s ``src`` folder in a temporary directory (``git archive``)."""
+    import tarfile
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="vlalign-before-") as tmp:
+        try:
+            archive = subprocess.run(
+                ["git", "archive", "--format=tar", commit, "src"], cwd=REPO, check=True, capture_output=True
+            ).stdout  # fmt: skip
+        except (OSError, subprocess.CalledProcessError) as err:
+            raise RuntimeError(f"cannot export {commit} (pass --no-compare): {err}") from err
+        import io
+
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            tar.extractall(tmp, filter="data")
+        yield Path(tmp) / "src"
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
-    from vlalign.testing import train_step
-
-    warnings.filterwarnings("ignore", message=".*self.log.*")  # training_step outside a Trainer
-    forwards: dict[str, Any] = {"after": None}
-    if args.compare:
-        forwards["before"] = before_itc_forward(args.before_commit)
-    built, batch = setup(args.queues, args.recipe)
-    batch_size = int(batch["input_ids"].shape[0])
-
-    def block(queue: int, setting: str, steps: int) -> tuple[float, float]:
-        recipe, optimizer = built[queue]
-        with itc_forward(recipe, forwards[setting]):
-            wall, cpu = time.perf_counter(), time.process_time()
-            for _ in range(steps):
-                train_step(recipe, batch, optimizer)
-            return (time.perf_counter() - wall) * 1e3 / steps, (time.process_time() - cpu) * 1e3 / steps
-
-    for queue in args.queues:
-        for setting in forwards:
-            block(queue, setting, args.warmup)
-    load_before = os.getloadavg()
-    keys = [(queue, setting) for queue in args.queues for setting in forwards]
-    wall: dict[tuple[int, str], list[float]] = {key: [] for key in keys}
-    cpu: dict[tuple[int, str], list[float]] = {key: [] for key in keys}
-    for index in range(args.rounds):
-        for key in keys[index % len(keys) :] + keys[: index % len(keys)]:  # rotate: no setting always runs first
-            step_wall, step_cpu = block(*key, args.block)
-            wall[key].append(step_wall)
-            cpu[key].append(step_cpu)
-    load_after = os.getloadavg()
+    """Every (queue, code) setting in its own worker process, timed in interleaved blocks."""
+    with contextlib.ExitStack() as stack:
+        sources = {"after": REPO / "src"}
+        if args.compare:
+            sources["before"] = stack.enter_context(before_tree(args.before_commit))
+        keys = [(queue, setting) for queue in args.queues for setting in sources]
+        workers: dict[tuple[int, str], Worker] = {}
+        for queue, setting in keys:
+            workers[queue, setting] = Worker(sources[setting], args.recipe, queue, args.threads)
+            stack.callback(workers[queue, setting].close)
+        for key in keys:
+            if args.warmup:
+                workers[key].ask(f"time {args.warmup}")
+        load_before = os.getloadavg()
+        wall: dict[tuple[int, str], list[float]] = {key: [] for key in keys}
+        cpu: dict[tuple[int, str], list[float]] = {key: [] for key in keys}
+        for index in range(args.rounds):
+            for key in keys[index % len(keys) :] + keys[: index % len(keys)]:  # rotate: no setting always runs first
+                timed = workers[key].ask(f"time {args.block}")
+                wall[key].append(timed["wall_ms"])
+                cpu[key].append(timed["cpu_ms"])
+        load_after = os.getloadavg()
+        profiles = {}
+        if args.profile:
+            for queue, setting in keys:
+                shapes = " shapes" if args.profile_shapes else ""
+                profiles[f"{setting} q{queue}"] = workers[queue, setting].ask(f"profile {args.profile_steps}{shapes}")
+        fused = {f"{setting} q{queue}": workers[queue, setting].info["fused_adamw"] for queue, setting in keys}
+    batch_size = BATCH if args.recipe == "reduced" else 32
     rows = []
     for queue, setting in keys:
         row: dict[str, Any] = {
@@ -251,30 +333,23 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {
         "config": CONFIGS[args.recipe],
         "batch_size": batch_size,
-        "threads": torch.get_num_threads(),
+        "threads": args.threads or torch.get_num_threads(),
         "rounds": args.rounds,
         "block": args.block,
         "warmup": args.warmup,
         "before_commit": args.before_commit if args.compare else None,
+        "fused_adamw": fused,
         "load_average_before": load_before,
         "load_average_after": load_after,
         "rows": rows,
         "torch": torch.__version__,
     }
-    if args.profile:
-        result["profiles"] = {
-            f"{setting} q{queue}": profile_table(
-                built[queue], batch, forwards[setting], args.profile_steps, args.profile_shapes
-            )
-            for queue in args.queues
-            for setting in forwards
-        }
+    if profiles:
+        result["profiles"] = profiles
     return result
 
 
-def profile_table(
-    built: tuple[Any, Any], batch: dict[str, torch.Tensor], forward: Any, steps: int, by_shape: bool = False
-) -> dict:
+def profile_table(built: tuple[Any, Any], batch: dict[str, torch.Tensor], steps: int, by_shape: bool = False) -> dict:
     """``torch.profiler`` over ``steps`` train steps: the top 10 operators (with ``by_shape``: operator and input
     shapes) by self CPU time, per step."""
     from torch.profiler import ProfilerActivity, profile
@@ -282,11 +357,10 @@ def profile_table(
     from vlalign.testing import train_step
 
     recipe, optimizer = built
-    with itc_forward(recipe, forward):
-        train_step(recipe, batch, optimizer)  # warm
-        with profile(activities=[ProfilerActivity.CPU], record_shapes=by_shape) as prof:
-            for _ in range(steps):
-                train_step(recipe, batch, optimizer)
+    train_step(recipe, batch, optimizer)  # warm
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=by_shape) as prof:
+        for _ in range(steps):
+            train_step(recipe, batch, optimizer)
     averages = prof.key_averages(group_by_input_shape=by_shape)
     events = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events)
@@ -410,6 +484,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--itc-only", action="store_true", help="time ITC's forward + backward alone, then exit")
     parser.add_argument("--profile-steps", type=int, default=3)
     parser.add_argument("--profile-shapes", action="store_true", help="profile rows per operator and input shapes")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=None, help="write JSON (and the markdown next to it)")
     args = parser.parse_args(argv)
     default = QUEUES if args.recipe == "reduced" else (1024,)
@@ -421,6 +496,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.worker:
+        worker(args)
+        return {}
     if args.itc_only:
         rows = itc_only(args.before_commit)
         print("| batch | embed | queue | ITC fwd+bwd CPU ms, after | before | speed-up |\n|---|---|---|---|---|---|")

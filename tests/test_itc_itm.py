@@ -196,6 +196,7 @@ def test_itm_loss_and_batched_negative_pass_match_hand_computation() -> None:
         attention_mask=torch.ones(batch, 5, dtype=torch.long),
         single_stream=True,
         fuse=fusion,
+        word_embeds=torch.randn(batch, 5, width),
     )
     out = itm(ctx)
     assert len(fusion.calls) == 1, "positives and negatives must be one fusion pass"
@@ -208,6 +209,9 @@ def test_itm_loss_and_batched_negative_pass_match_hand_computation() -> None:
     for i in range(batch):  # negatives are other samples
         assert not torch.equal(images[batch + i], image_tokens[i])
         assert not torch.equal(ids[2 * batch + i], input_ids[i])
+    # the pass reads the step's shared word-embedding rows of exactly the captions it fuses (no second lookup)
+    caption = (ids[:, :1] == input_ids[:, 0][None, :]).int().argmax(1)
+    torch.testing.assert_close(call["word_embeds"], ctx.word_embeds[caption], rtol=0, atol=0)
 
     # hand cross-entropy over the recorded fused [CLS] states: positives first (label 1), then 2B negatives
     w, b = itm.itm_head.weight.tolist(), itm.itm_head.bias.tolist()
@@ -227,6 +231,7 @@ def _itm_ctx(batch: int, sim: torch.Tensor) -> SimpleNamespace:
         attention_mask=torch.ones(batch, 5, dtype=torch.long),
         single_stream=True,
         fuse=_RecordingFusion(WIDTH),
+        word_embeds=torch.randn(batch, 5, WIDTH),
     )
 
 

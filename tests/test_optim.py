@@ -65,3 +65,22 @@ def test_the_recipe_exempts_what_its_objectives_declare() -> None:
     decay, no_decay = parameter_groups(recipe, 0.02)
     assert any(p is recipe.itc.temp for p in no_decay["params"])
     assert not any(p is recipe.itc.temp for p in decay["params"])
+
+
+@pytest.mark.parametrize(("setting", "expected"), [(None, True), (False, False), (True, True)])
+def test_adamw_is_fused_by_default_on_the_cpu(setting: bool | None, expected: bool) -> None:
+    """``optim.fused: null`` picks the fused kernel for CPU parameters (docs/benchmarks.md: 3.6x faster there);
+    an explicit setting wins, and the fused update equals the foreach one."""
+    model = nn.Linear(4, 3)
+    optimizer = build_optimizer(model, OptimConfig(fused=setting, warmup_steps=0), total_steps=10)["optimizer"]
+    assert bool(optimizer.defaults["fused"]) is expected
+    twin = nn.Linear(4, 3)
+    twin.load_state_dict(model.state_dict())
+    foreach = torch.optim.AdamW(twin.parameters(), lr=1e-4, weight_decay=0.02, foreach=True)
+    for _ in range(3):
+        for m in (model, twin):
+            m.zero_grad()
+            m(torch.ones(2, 4)).square().sum().backward()
+        optimizer.step()
+        foreach.step()
+    torch.testing.assert_close(model.weight, twin.weight, rtol=1e-6, atol=1e-7)

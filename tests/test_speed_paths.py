@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from vlalign.data.tokenization import VocabInfo
 from vlalign.objectives.base import BuildSpec
 from vlalign.objectives.itc import ITC
+from vlalign.tasks.pretrain import PretrainRecipe
 from vlalign.training.fault_tolerance import NONFINITE_CHECKPOINT, NonFiniteGuard, NonFiniteLossError
 
 WIDTH, EMBED = 5, 6
@@ -226,6 +227,7 @@ def test_fused_adamw_fit_skips_nonfinite_steps_on_the_device(
 
     monkeypatch.setattr(ITC, "forward", nan_on_chosen_steps)
     monkeypatch.setattr(NonFiniteGuard, "is_finite", no_host_check)
+    monkeypatch.setattr(PretrainRecipe, "device_gate_on_cpu", True)
     checkpoints = tmp_path / "checkpoints"
     every_step = {"dirpath": str(checkpoints), "every_n_train_steps": 1, "save_last": True, "save_top_k": -1,
                   "filename": None, "monitor": None}  # fmt: skip
@@ -293,3 +295,47 @@ def test_device_gated_cuda_steps_never_sync() -> None:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert recipe._nonfinite.total == 0 and int(recipe.itc.queue_ptr) == 4 * 6 % 64
+
+
+@pytest.mark.parametrize("kind", ["simla", "albef"])
+def test_shared_word_embedding_lookup_keeps_losses_and_gradients(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One word-embedding lookup of the batch's ids per step (text encoder, image side, ITM pairs read it) gives
+    the losses and gradients of one lookup per pass, and the online lookups drop to one per distinct id tensor."""
+    from vlalign.models.stream import SingleStreamTransformer
+    from vlalign.testing import tiny_batch, tiny_recipe
+
+    def step(recipe: PretrainRecipe) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int]:
+        lookups = []
+        embedding = recipe.backbone.stream.embeddings.word_embeddings
+        handle = embedding.register_forward_hook(lambda *args: lookups.append(torch.is_grad_enabled()))
+        torch.manual_seed(3)  # the same dropout masks in both runs
+        recipe.train()
+        losses = {}
+        original_log = recipe.log
+        recipe.log = lambda name, value, **kwargs: losses.__setitem__(name, torch.as_tensor(value).detach().clone())
+        try:
+            recipe.training_step(tiny_batch(seed=5), 0).backward()
+        finally:
+            recipe.log = original_log
+            handle.remove()
+        grads = {name: p.grad.clone() for name, p in recipe.named_parameters() if p.grad is not None}
+        return losses, grads, sum(lookups)
+
+    shared_losses, shared_grads, shared_lookups = step(tiny_recipe(kind, seed=1))
+
+    def lookup_per_pass(self: SingleStreamTransformer, input_ids: torch.Tensor, word_embeds: Any = None) -> Any:
+        return self.embeddings(self.embeddings.word_embeddings(input_ids))  # the previous embed_ids
+
+    monkeypatch.setattr(SingleStreamTransformer, "embed_ids", lookup_per_pass)
+    old_losses, old_grads, old_lookups = step(tiny_recipe(kind, seed=1))
+    assert {k for k in shared_losses if k.endswith("_loss")} == {k for k in old_losses if k.endswith("_loss")}
+    for key in old_losses:
+        if key.endswith("_loss"):
+            torch.testing.assert_close(shared_losses[key], old_losses[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert shared_grads.keys() == old_grads.keys()
+    for name, grad in old_grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    # simla: text encoder + ITM pairs + image side share one lookup, MLM's corrupted ids have their own; before, one
+    # per pass (4 in simla, 2 in albef), plus the context's lookup the patched passes leave unread
+    expected = {"simla": (2, 5), "albef": (2, 3)}[kind]
+    assert (shared_lookups, old_lookups) == expected

@@ -158,9 +158,18 @@ class Backbone(nn.Module):
         clean, masked = both.chunk(2)
         return clean, masked
 
-    def encode_text(self, input_ids: Tensor, attention_mask: Tensor | None, *, momentum: bool = False) -> Tensor:
-        """Text-mode states ``[B, L, H]`` (no cross-attention)."""
-        return self.encoder("stream", momentum).encode_text(input_ids, attention_mask).last_hidden_state
+    def encode_text(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None,
+        *,
+        momentum: bool = False,
+        word_embeds: Tensor | None = None,
+    ) -> Tensor:
+        """Text-mode states ``[B, L, H]`` (no cross-attention). ``word_embeds``: the ids' rows of this stream's word
+        embeddings, looked up once for several passes (:meth:`SingleStreamTransformer.embed_ids`)."""
+        stream = self.encoder("stream", momentum)
+        return stream.encode_text(input_ids, attention_mask, word_embeds=word_embeds).last_hidden_state
 
     def fuse(
         self,
@@ -172,11 +181,13 @@ class Backbone(nn.Module):
         image_mask: Tensor | None = None,
         momentum: bool = False,
         attention_probs_layer: int | None = None,
+        word_embeds: Tensor | None = None,
     ) -> StreamOutput:
         """Text queries attending to image tokens, in whichever layout the stream has.
 
         Under an ALBEF split, ``text_states`` (text-mode outputs of these ids, e.g. cached) skip the text layers;
-        in single stream, or without them, the ids are encoded from scratch.
+        in single stream, or without them, the ids are encoded from scratch (from ``word_embeds``, their word-
+        embedding rows, when given).
         """
         stream = self.encoder("stream", momentum)
         use_states = text_states is not None and not stream.single_stream
@@ -187,11 +198,20 @@ class Backbone(nn.Module):
             input_ids=None if use_states else input_ids,
             text_states=text_states if use_states else None,
             attention_probs_layer=attention_probs_layer,
+            word_embeds=None if use_states else word_embeds,
         )
 
     def image_side(
-        self, image_tokens: Tensor, input_ids: Tensor, attention_mask: Tensor | None, *, momentum: bool = False
+        self,
+        image_tokens: Tensor,
+        input_ids: Tensor,
+        attention_mask: Tensor | None,
+        *,
+        momentum: bool = False,
+        word_embeds: Tensor | None = None,
     ) -> Tensor:
-        """SIMLA's image side: image tokens as the stream's inputs, cross-attending to the caption's embeddings."""
+        """SIMLA's image side: image tokens as the stream's inputs, cross-attending to the caption's embeddings
+        (``word_embeds`` as in :meth:`encode_text`)."""
         stream = self.encoder("stream", momentum)
-        return stream.encode_image_side(image_tokens, stream.embed_ids(input_ids), attention_mask).last_hidden_state
+        text_embeds = stream.embed_ids(input_ids, word_embeds)
+        return stream.encode_image_side(image_tokens, text_embeds, attention_mask).last_hidden_state

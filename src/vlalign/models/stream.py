@@ -391,8 +391,10 @@ class SingleStreamTransformer(nn.Module):
         """Layers run in multimodal mode (all of them in single stream)."""
         return range(0 if self.single_stream else self.config.fusion_layer, self.config.num_layers)
 
-    def embed_ids(self, input_ids: Tensor) -> Tensor:
-        return self.embeddings(self.embeddings.word_embeddings(input_ids))
+    def embed_ids(self, input_ids: Tensor, word_embeds: Tensor | None = None) -> Tensor:
+        """Embedded ``input_ids``; ``word_embeds`` (their word-embedding rows, e.g. one lookup shared by several
+        passes of a training step, so the [vocab, hidden] gradient is formed once) replaces the lookup."""
+        return self.embeddings(self.embeddings.word_embeddings(input_ids) if word_embeds is None else word_embeds)
 
     def embed_inputs(self, inputs_embeds: Tensor) -> Tensor:
         """Embed already-vectorised tokens (image tokens on SIMLA's image side): positions, LayerNorm, dropout."""
@@ -462,9 +464,11 @@ class SingleStreamTransformer(nn.Module):
             )
         return index
 
-    def encode_text(self, input_ids: Tensor, attention_mask: Tensor | None) -> StreamOutput:
-        """Text encoder: embeddings + text-mode layers (no cross-attention)."""
-        return self(self.embed_ids(input_ids), attention_mask, mode="text")
+    def encode_text(
+        self, input_ids: Tensor, attention_mask: Tensor | None, *, word_embeds: Tensor | None = None
+    ) -> StreamOutput:
+        """Text encoder: embeddings + text-mode layers (no cross-attention); ``word_embeds`` as in :meth:`embed_ids`."""
+        return self(self.embed_ids(input_ids, word_embeds), attention_mask, mode="text")
 
     def fuse(
         self,
@@ -475,14 +479,15 @@ class SingleStreamTransformer(nn.Module):
         input_ids: Tensor | None = None,
         text_states: Tensor | None = None,
         attention_probs_layer: int | None = None,
+        word_embeds: Tensor | None = None,
     ) -> StreamOutput:
         """Text queries attend to image keys in every fusion layer.
 
         Single stream starts from ``input_ids`` and runs all layers. Under an ALBEF split it continues from
         ``text_states`` (the text-mode output, e.g. cached for ITM negatives), or from ``input_ids`` by running the
-        text layers first (MLM).
+        text layers first (MLM). ``word_embeds``: the ids' word-embedding rows (:meth:`embed_ids`).
         """
-        hidden = self._fusion_start(attention_mask, input_ids, text_states)
+        hidden = self._fusion_start(attention_mask, input_ids, text_states, word_embeds)
         return self(
             hidden,
             attention_mask,
@@ -493,7 +498,11 @@ class SingleStreamTransformer(nn.Module):
         )
 
     def _fusion_start(
-        self, attention_mask: Tensor | None, input_ids: Tensor | None, text_states: Tensor | None
+        self,
+        attention_mask: Tensor | None,
+        input_ids: Tensor | None,
+        text_states: Tensor | None,
+        word_embeds: Tensor | None = None,
     ) -> Tensor:
         """The hidden states the first fusion layer reads: embedded ids (single stream), given text states, or the
         text layers' output of the ids (ALBEF split)."""
@@ -504,10 +513,10 @@ class SingleStreamTransformer(nn.Module):
                 raise ValueError(
                     "single-stream fuse starts from input_ids; text_states are only meaningful under an ALBEF split"
                 )
-            return self.embed_ids(input_ids)
+            return self.embed_ids(input_ids, word_embeds)
         if text_states is not None:
             return text_states
-        return self.encode_text(input_ids, attention_mask).last_hidden_state
+        return self.encode_text(input_ids, attention_mask, word_embeds=word_embeds).last_hidden_state
 
     def precompute_image_kv(self, image_tokens: Tensor, image_mask: Tensor | None = None) -> ImageKV:
         """Every fusion layer's cross-attention keys and values of ``image_tokens`` [N_img, P, encoder_width].

@@ -105,8 +105,17 @@ class StepContext:
 
     # -- text ------------------------------------------------------------------------------------------------------
     @cached_property
+    def word_embeds(self) -> Tensor:
+        """[B, L, H] rows of the online stream's word embeddings for the batch's ids, looked up once per step: the
+        text encoder, the image side and the ITM pairs read them, so backward forms one [vocab, hidden] gradient
+        for them instead of one per pass (each pass still adds positions, LayerNorm and its own dropout)."""
+        return self._shared(lambda: self.backbone.stream.embeddings.word_embeddings(self.input_ids))
+
+    @cached_property
     def text_states(self) -> Tensor:
-        return self._shared(lambda: self.backbone.encode_text(self.input_ids, self.attention_mask))
+        return self._shared(
+            lambda: self.backbone.encode_text(self.input_ids, self.attention_mask, word_embeds=self.word_embeds)
+        )
 
     @cached_property
     def text_states_m(self) -> Tensor:
@@ -131,8 +140,10 @@ class StepContext:
         text_states: Tensor | None = None,
         momentum: bool = False,
         attention_probs_layer: int | None = None,
+        word_embeds: Tensor | None = None,
     ) -> StreamOutput:
-        """:meth:`Backbone.fuse <vlalign.models.backbone.Backbone.fuse>` (text queries attending to image tokens)."""
+        """:meth:`Backbone.fuse <vlalign.models.backbone.Backbone.fuse>` (text queries attending to image tokens).
+        ``word_embeds``: rows of :attr:`word_embeds` matching ``input_ids`` (online passes only)."""
         return self.backbone.fuse(
             input_ids,
             attention_mask,
@@ -140,11 +151,16 @@ class StepContext:
             text_states=text_states,
             momentum=momentum,
             attention_probs_layer=attention_probs_layer,
+            word_embeds=word_embeds,
         )
 
     def image_side(self, image_tokens: Tensor, *, momentum: bool = False) -> Tensor:
-        """:meth:`Backbone.image_side <vlalign.models.backbone.Backbone.image_side>` with this batch's caption."""
-        return self.backbone.image_side(image_tokens, self.input_ids, self.attention_mask, momentum=momentum)
+        """:meth:`Backbone.image_side <vlalign.models.backbone.Backbone.image_side>` with this batch's caption (the
+        online pass reads the shared :attr:`word_embeds`)."""
+        word_embeds = None if momentum else self.word_embeds
+        return self.backbone.image_side(
+            image_tokens, self.input_ids, self.attention_mask, momentum=momentum, word_embeds=word_embeds
+        )
 
 
 def _masked(tokens: Tensor | None) -> Tensor:

@@ -149,6 +149,7 @@ class ITM(Objective):
             mask[text_order],
             images,
             text_states=None if ctx.single_stream else ctx.text_states[text_order],
+            word_embeds=ctx.word_embeds[text_order] if ctx.single_stream else None,
         )
         return self._loss(fused, batch, {"negative_image": negative_image, "negative_text": negative_text})
 

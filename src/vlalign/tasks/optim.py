@@ -34,7 +34,7 @@ class OptimConfig:
     warmup_steps: int = 2000
     warmup_lr: float = 1e-5
     min_lr: float = 1e-5
-    fused: bool | None = None  # None: fused AdamW on CUDA, the default kernel elsewhere
+    fused: bool | None = None  # None: fused AdamW where torch has the kernel (CUDA, CPU), the default elsewhere
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -72,6 +72,16 @@ def lr_factor(step: int, cfg: OptimConfig, total_steps: int | None) -> float:
     return (cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))) / cfg.lr
 
 
+#: Devices whose parameters get fused AdamW when ``optim.fused`` is null. On the CPU the fused kernel takes 12 ms
+#: per step where the foreach one takes 44 ms (17.7 M parameters, one thread; docs/benchmarks.md "Speed II (CPU)").
+FUSED_DEVICES = frozenset({"cuda", "cpu"})
+
+
+def _fused_by_default(model: nn.Module) -> bool:
+    devices = {p.device.type for p in model.parameters() if p.requires_grad}
+    return bool(devices) and devices <= FUSED_DEVICES and len(devices) == 1
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig, total_steps: float) -> dict:
     """The ``configure_optimizers`` return value of every vlalign task.
 
@@ -84,7 +94,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, total_steps: float) -> d
             "number of training steps unknown (streaming data without a length and no trainer.max_steps): "
             "the learning rate stays at optim.lr after the warm-up instead of following the cosine schedule"
         )
-    fused = cfg.fused if cfg.fused is not None else torch.cuda.is_available()
+    fused = cfg.fused if cfg.fused is not None else _fused_by_default(model)
     optimizer = torch.optim.AdamW(
         parameter_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None
     )

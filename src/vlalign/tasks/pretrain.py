@@ -13,7 +13,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
@@ -104,6 +104,9 @@ class PretrainRecipe(L.LightningModule):
             saved during such a streak, or holding non-finite weights, are not written: ``last.ckpt`` keeps the
             last good state (:class:`~vlalign.training.fault_tolerance.GoodCheckpoints`).
     """
+
+    #: Skip non-finite steps on the device on the CPU too (tests of the device gate; see ``_use_device_gate``).
+    device_gate_on_cpu: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -343,8 +346,9 @@ class PretrainRecipe(L.LightningModule):
         Yes when the step can be skipped exactly without the host: one optimizer that honours ``found_inf`` as the
         AMP grad scaler uses it (fused AdamW, vlalign's default on CUDA: ``model.optim.fused``), no gradient
         accumulation (a non-finite micro-batch must not spoil the others' gradients), no fp16 grad scaler (it owns
-        ``found_inf``), automatic optimisation. The optimizer then skips the update when the flag is set, EMA and
-        queue writes are gated with it (``ema_update(gate=...)``, ``after_optimizer_step_gated``, or the
+        ``found_inf``), automatic optimisation, and parameters off the CPU (there a host read costs nothing, and the
+        gated EMA's three foreach ops cost more than one; ``device_gate_on_cpu`` turns the gate on for tests). The
+        optimizer then skips the update when the flag is set, EMA and queue writes are gated with it (``ema_update(gate=...)``, ``after_optimizer_step_gated``, or the
         objective's buffers restored), and the counters stay on the device. Otherwise (and outside a Trainer) the
         flag is read on the host once per step and a skipped step returns None.
         """
@@ -358,6 +362,7 @@ class PretrainRecipe(L.LightningModule):
                 and getattr(optimizers[0], "_step_supports_amp_scaling", False)
                 and trainer.accumulate_grad_batches == 1
                 and getattr(trainer.precision_plugin, "scaler", None) is None
+                and (self.device.type != "cpu" or self.device_gate_on_cpu)
             )
             self._gated_optimizer = optimizers[0] if self._device_gate else None
         return self._device_gate
