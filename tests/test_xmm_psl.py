@@ -73,7 +73,8 @@ def _stream() -> SingleStreamTransformer:
 
 def _xmm(text: bool, image: bool, distill: bool, targets=None) -> XMM:
     stream, stream_m = _stream(), _stream()
-    xmm = XMM(text=text, image=image, distill=distill, image_targets=targets)
+    # the hand-built 2x2 masks below mask 2 patches of a row; the data pipeline's bound for 2x2 would be 1
+    xmm = XMM(text=text, image=image, distill=distill, image_targets=targets, max_masked_patches=4)
     spec = BuildSpec(HIDDEN, HIDDEN, VOCAB, (2, 2), 4, momentum=distill, stream=stream, stream_m=stream_m)
     xmm.build(spec)
     return xmm
