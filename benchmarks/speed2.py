@@ -413,6 +413,46 @@ def itc_only(commit: str, repeats: int = 20) -> list[dict[str, Any]]:
     return rows
 
 
+def xmm_paths(rounds: int = 6, block: int = 4) -> list[dict[str, Any]]:
+    """XMM's head paths on the reduced config (queue 4,096), one recipe switched between them in interleaved
+    blocks whose order rotates: the boolean selection (CPU default), the fixed-size gather (accelerator default)
+    and the gather of every position (the heads' previous accelerator path). Process CPU ms per step, medians."""
+    warnings.filterwarnings("ignore", message=".*self.log.*")
+    built, batch = setup((4096,))
+    recipe, optimizer = built[4096]
+    xmm = recipe.xmm
+    length, patches = batch["input_ids"].shape[1], batch["image_codes"].shape[1]
+    paths = {
+        "selection (CPU default)": (False, None, xmm.patch_cap),
+        f"gather, bounds {xmm.text_cap(length)} / {xmm.patch_cap} (accelerator default)": (True, None, xmm.patch_cap),
+        "gather of every position (previous accelerator path)": (True, length, patches),
+    }
+
+    def use(name: str) -> None:
+        xmm.sync_free, xmm.max_masked_tokens, xmm.patch_cap = paths[name]
+
+    default = paths[next(iter(paths))]
+    names = list(paths)
+    for name in names:
+        use(name)
+        _steps(recipe, optimizer, batch, 1)
+    cpu: dict[str, list[float]] = {name: [] for name in names}
+    for index in range(rounds):
+        for name in names[index % len(names) :] + names[: index % len(names)]:
+            use(name)
+            cpu[name].append(_steps(recipe, optimizer, batch, block)[1])
+    xmm.sync_free, xmm.max_masked_tokens, xmm.patch_cap = default
+    base = cpu[names[0]]
+    return [
+        {
+            "path": name,
+            "cpu_ms_median": statistics.median(cpu[name]),
+            "vs_selection": statistics.median(a / b for a, b in zip(cpu[name], base, strict=True)),
+        }
+        for name in names
+    ]
+
+
 # -- reporting --------------------------------------------------------------------------------------------------------
 def _load(values: list[float]) -> str:
     return "/".join(f"{x:.2f}" for x in values)
@@ -482,6 +522,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--before-commit", default=BEFORE_COMMIT, help="commit whose ITC.forward is 'before'")
     parser.add_argument("--profile", action="store_true", help="add torch.profiler top-10 tables")
     parser.add_argument("--itc-only", action="store_true", help="time ITC's forward + backward alone, then exit")
+    parser.add_argument("--xmm-paths", action="store_true", help="time XMM's head paths (reduced config), then exit")
     parser.add_argument("--profile-steps", type=int, default=3)
     parser.add_argument("--profile-shapes", action="store_true", help="profile rows per operator and input shapes")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -499,6 +540,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.worker:
         worker(args)
         return {}
+    if args.xmm_paths:
+        rows = xmm_paths(args.rounds, args.block)
+        print("| XMM head path | CPU ms per step (median) | vs selection |\n|---|---|---|")
+        for r in rows:
+            print(f"| {r['path']} | {r['cpu_ms_median']:.1f} | {r['vs_selection']:.2f}x |")
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            payload = {"xmm_paths": rows, "threads": torch.get_num_threads(), "load_average": os.getloadavg()}
+            args.out.write_text(json.dumps(payload, indent=1) + "\n")
+        return {"xmm_paths": rows}
     if args.itc_only:
         rows = itc_only(args.before_commit)
         print("| batch | embed | queue | ITC fwd+bwd CPU ms, after | before | speed-up |\n|---|---|---|---|---|---|")
