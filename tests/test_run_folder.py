@@ -116,3 +116,36 @@ def test_last_checkpoint_holds_the_final_step_when_the_best_validation_is_early(
     last = torch.load(folder / "last.ckpt", map_location="cpu", weights_only=False)
     best = torch.load(folder / "best-epoch=0.ckpt", map_location="cpu", weights_only=False)
     assert last["global_step"] == 6 and best["global_step"] == 2
+
+
+def test_output_folder_is_the_log_folder_without_a_broadcast(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tasks write their files on rank 0 only, where ``trainer.log_dir`` would wait for a broadcast the other ranks
+    never join: ``output_folder`` names the same folder without one."""
+    import lightning as L
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from vlalign.training.run_folder import output_folder
+
+    logger = TensorBoardLogger(save_dir=str(tmp_path / "runs"), name="demo")
+    trainer = L.Trainer(logger=logger, default_root_dir=str(tmp_path), accelerator="cpu", devices=1)
+    expected = Path(trainer.log_dir)
+
+    def no_broadcast(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("output_folder broadcast")
+
+    monkeypatch.setattr(trainer.strategy, "broadcast", no_broadcast)
+    assert output_folder(trainer) == expected == tmp_path / "runs" / "demo" / "version_0"
+    assert output_folder(trainer, tmp_path / "out") == tmp_path / "out"
+    assert output_folder(L.Trainer(logger=False, default_root_dir=str(tmp_path / "root"))) == tmp_path / "root"
+
+
+def test_losses_go_to_the_progress_bar_on_the_cpu_only() -> None:
+    """Off the CPU a prog_bar value is a host sync per step (docs/benchmarks.md): the tasks log losses there only."""
+    import lightning as L
+
+    from vlalign.training.progress import losses_on_progress_bar
+
+    module = L.LightningModule()
+    assert losses_on_progress_bar(module)
+    module._device = torch.device("cuda", 0)  # what Lightning sets when it moves the module (no GPU needed)
+    assert not losses_on_progress_bar(module)

@@ -39,6 +39,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from vlalign.cli.train import VlalignCLI
 from vlalign.errors import ConfigError
 from vlalign.tasks.registry import TaskSpec, get_task, tasks
+from vlalign.training.run_folder import output_folder
 from vlalign.utils.classes import resolve_class
 
 __all__ = [
@@ -148,9 +149,7 @@ class TaskCLI(VlalignCLI):
     # -- results ----------------------------------------------------------------------------------------------------
     def results_dir(self) -> Path:
         """``output_dir``, else the run's log folder (``runs/<name>/version_N``), else ``default_root_dir``."""
-        if self.output_dir is not None:
-            return self.output_dir
-        return Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        return output_folder(self.trainer, self.output_dir)
 
     def write_results(self, split: str, checkpoint: str | None) -> None:
         """``results.json``: task, command, split, model, checkpoint, metrics, the module's results, config."""

@@ -51,6 +51,7 @@ from vlalign.training.fault_tolerance import (
     prepare_checkpointing,
     restore_rng_states,
 )
+from vlalign.training.progress import losses_on_progress_bar
 from vlalign.utils.distributed import all_gather_variable
 from vlalign.weights.safe_loading import allow_config_classes_in_checkpoints
 
@@ -405,7 +406,7 @@ class ClassificationTask(L.LightningModule, ABC):
                 teacher = self.logits(batch, momentum=True)
         loss = distilled_cross_entropy(logits, labels, teacher, alpha)
         size = labels.shape[0]
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=size)
+        self.log("train/loss", loss.detach(), prog_bar=losses_on_progress_bar(self), batch_size=size)
         self.log("train/acc", 100.0 * (logits.detach().argmax(-1) == labels).float().mean(), batch_size=size)
         self.log("train/alpha", alpha, batch_size=size)
         return self._checked(loss)

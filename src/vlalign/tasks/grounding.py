@@ -45,6 +45,7 @@ from vlalign.objectives.itc import ITC
 from vlalign.tasks.optim import OptimConfig
 from vlalign.tasks.registry import CONFIG_DIR, TaskSpec, register_task
 from vlalign.tasks.retrieval import FINETUNE_OPTIM, RetrievalTask, _world_size, range_errors
+from vlalign.training.run_folder import output_folder
 from vlalign.utils.distributed import all_gather_variable
 
 log = logging.getLogger(__name__)
@@ -330,7 +331,7 @@ class GroundingTask(RetrievalTask):
                     )
                 )
             picture = grounding_picture(examples)
-            folder = Path(self.output_dir or self.trainer.log_dir or self.trainer.default_root_dir)
+            folder = output_folder(self.trainer, self.output_dir)
             folder.mkdir(parents=True, exist_ok=True)
             path = folder / PICTURE_FILE.format(stage=stage)
             picture.save(path)

@@ -30,6 +30,7 @@ from vlalign.api import load
 from vlalign.errors import InputFileError
 from vlalign.evaluation.hardneg import SCORERS, hardneg_accuracy, score_hardneg, select_failures
 from vlalign.tasks.registry import TaskSpec, register_task
+from vlalign.training.run_folder import output_folder
 from vlalign.utils.distributed import all_gather_variable
 
 log = logging.getLogger(__name__)
@@ -267,7 +268,7 @@ class HardNegativeEvaluation(L.LightningModule):
             types=[dataset.negative_type[k] for _, k in chosen],
             scorer=scorer.upper(),
         )
-        folder = self.output_dir or Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        folder = output_folder(self.trainer, self.output_dir)
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / FAILURES_FILE
         picture.save(path)

@@ -34,6 +34,7 @@ from vlalign.models.two_image import TwoImageStream
 from vlalign.tasks.classification import CLASSIFY_OPTIM, ClassificationTask, classifier_head
 from vlalign.tasks.optim import OptimConfig
 from vlalign.tasks.registry import TaskSpec, register_task
+from vlalign.training.progress import losses_on_progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +212,7 @@ class NLVR2Task(ClassificationTask):
         )
         logits = self.head(fused.last_hidden_state[:, 0])
         loss = F.cross_entropy(logits.float(), labels)
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=size)
+        self.log("train/loss", loss.detach(), prog_bar=losses_on_progress_bar(self), batch_size=size)
         self.log("train/acc", 100.0 * (logits.detach().argmax(-1) == labels).float().mean(), batch_size=size)
         return self._checked(loss)
 

@@ -42,6 +42,8 @@ from vlalign.training.fault_tolerance import (
     prepare_checkpointing,
     restore_rng_states,
 )
+from vlalign.training.progress import losses_on_progress_bar
+from vlalign.training.run_folder import output_folder
 from vlalign.utils.distributed import all_gather_variable
 from vlalign.weights.safe_loading import allow_config_classes_in_checkpoints
 
@@ -314,7 +316,12 @@ class RetrievalTask(L.LightningModule):
             ctx.published[objective.name] = out.publish
             losses[objective.name] = out.loss
             total = out.loss if total is None else total + out.loss
-            self.log(f"train/{objective.name}_loss", out.loss.detach(), prog_bar=True, batch_size=batch_size)
+            self.log(
+                f"train/{objective.name}_loss",
+                out.loss.detach(),
+                prog_bar=losses_on_progress_bar(self),
+                batch_size=batch_size,
+            )
             for key, value in out.logs.items():
                 self.log(f"train/{objective.name}_{key}", value, batch_size=batch_size)
         assert total is not None
@@ -467,7 +474,7 @@ class RetrievalTask(L.LightningModule):
             return
         try:
             picture = self._grid(retrieval_grid, images, captions, scores_t2i, text_image_index)
-            folder = Path(self.output_dir or self.trainer.log_dir or self.trainer.default_root_dir)
+            folder = output_folder(self.trainer, self.output_dir)
             folder.mkdir(parents=True, exist_ok=True)
             path = folder / f"retrieval_{stage}.png"
             picture.save(path)

@@ -63,6 +63,8 @@ from vlalign.training.fault_tolerance import (
     prepare_checkpointing,
     restore_rng_states,
 )
+from vlalign.training.progress import losses_on_progress_bar
+from vlalign.training.run_folder import output_folder
 from vlalign.utils.distributed import all_gather_variable
 from vlalign.weights.safe_loading import allow_config_classes_in_checkpoints
 
@@ -372,7 +374,7 @@ class VQATask(L.LightningModule):
                     answer_ids, answer_mask, states_m.index_select(0, owner), mask.index_select(0, owner)
                 )
         loss = answer_loss(logits, answer_ids, answer_mask, batch["answer_weight"], num_questions, teacher, alpha)
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=num_questions)
+        self.log("train/loss", loss.detach(), prog_bar=losses_on_progress_bar(self), batch_size=num_questions)
         self.log("train/alpha", alpha, batch_size=num_questions)
         if not self._nonfinite.is_finite(loss, self._trainer):
             self._nonfinite.skip({"vqa": loss})
@@ -511,7 +513,7 @@ class VQATask(L.LightningModule):
             self.log(f"{stage}/{key}", value, rank_zero_only=True, sync_dist=False)
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:
             rows = [{"question_id": dataset.question_ids[i], "answer": answers[i]} for i in positions]
-            folder = Path(self.output_dir or self.trainer.log_dir or self.trainer.default_root_dir)
+            folder = output_folder(self.trainer, self.output_dir)
             folder.mkdir(parents=True, exist_ok=True)
             path = folder / SUBMISSION_FILE.format(split=stage)
             tmp = path.with_name(f".{path.name}.tmp")

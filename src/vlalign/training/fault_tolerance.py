@@ -441,8 +441,9 @@ def prepare_checkpointing(trainer: L.Trainer) -> None:
     :class:`AtomicCheckpointIO` or already filtered), and remove stale temporary files of the checkpoint folders."""
     if good_checkpoints(trainer) is None:
         trainer.strategy.checkpoint_io = GoodCheckpointIO(trainer.strategy.checkpoint_io)
+    folders = checkpoint_dirs(trainer)  # on every rank: without a ModelCheckpoint it reads trainer.log_dir, a broadcast
     if trainer.is_global_zero:
-        for directory in checkpoint_dirs(trainer):
+        for directory in folders:
             remove_stale_temp_files(directory)
 
 

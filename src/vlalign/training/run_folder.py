@@ -264,3 +264,18 @@ class LastCheckpoint(Checkpoint):
             return
         trainer.save_checkpoint(self.path, weights_only=False)  # the full training state, to resume from
         self._saved_step = trainer.global_step
+
+
+def output_folder(trainer: L.Trainer, output_dir: str | Path | None = None) -> Path:
+    """Where a task writes its files: ``output_dir``, else the run's log folder (``runs/<name>/version_N``), else
+    ``default_root_dir``. Unlike ``trainer.log_dir`` it broadcasts nothing, so it is safe in code that runs on rank
+    0 only (there ``trainer.log_dir`` waits for the other ranks' broadcast, which never comes)."""
+    if output_dir is not None:
+        return Path(output_dir)
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    if not trainer.loggers:
+        return Path(trainer.default_root_dir)
+    logger = trainer.loggers[0]
+    folder = logger.log_dir if isinstance(logger, TensorBoardLogger | CSVLogger) else logger.save_dir
+    return Path(folder or trainer.default_root_dir)
