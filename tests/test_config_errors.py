@@ -236,3 +236,11 @@ def test_cli_links_the_tokenizer_vocabulary_over_a_configured_size(cli_data_args
         auto_configure_optimizers=False,
     )
     assert cli.model.backbone.stream.embeddings.word_embeddings.num_embeddings == vocab_size
+
+
+@pytest.mark.usefixtures("nothing_is_built")
+@pytest.mark.parametrize("strategy", ["model_parallel", "lightning.pytorch.strategies.ModelParallelStrategy"])
+def test_a_strategy_that_would_train_unsynchronised_copies_is_refused(cli_data_args: list[str], strategy: str) -> None:
+    message = config_error(fit_args(cli_data_args, "--trainer.strategy", strategy))
+    assert "trainer.strategy" in message and "each process would train its own copy" in message
+    assert "trainer.strategy: ddp" in message

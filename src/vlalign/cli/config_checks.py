@@ -54,6 +54,7 @@ def check_config(config: Namespace, subcommand: str = "fit") -> None:
     for cls, settings in objectives.values():
         errors += cls.config_errors(settings, facts)
     errors += _check_vocabulary(model, data_args)
+    errors += _check_strategy(trainer)
     if errors:
         listing = "\n".join(f"  - {error}" for error in errors)
         raise ConfigError(f"invalid configuration ({len(errors)} problem{'s' * (len(errors) > 1)}):\n{listing}")
@@ -186,6 +187,25 @@ def _world_size(trainer: Namespace) -> int:
             gpus = torch.cuda.device_count() if accelerator in ("gpu", "cuda", "auto") else 0
             count = max(1, gpus)
     return max(1, count) * int(nodes)
+
+
+#: Strategies under which vlalign's tasks would train wrongly without a word: Lightning's ModelParallelStrategy
+#: neither wraps the model in DDP nor shards it (a task's ``configure_model`` must), so each rank would train its
+#: own copy with no gradient exchange. FSDP2 itself works with vlalign's step (tests/test_fsdp_cpu.py); vlalign does
+#: not apply it for you yet (docs/multi_node.md, FSDP).
+UNSUPPORTED_STRATEGIES = {"model_parallel": "ModelParallelStrategy", "ModelParallelStrategy": "ModelParallelStrategy"}
+
+
+def _check_strategy(trainer: Namespace) -> list[str]:
+    strategy = _get(trainer, "strategy", "auto")
+    name = strategy if isinstance(strategy, str) else str(_get(strategy, "class_path", type(strategy).__name__))
+    short = name.rsplit(".", 1)[-1]
+    if short not in UNSUPPORTED_STRATEGIES:
+        return []
+    return [
+        f"trainer.strategy: {name} does not synchronise gradients unless the model shards itself, which vlalign "
+        "does not do: each process would train its own copy. Use trainer.strategy: ddp (see docs/multi_node.md)"
+    ]
 
 
 def _word_embedding_rows(path: Path) -> int | None:
