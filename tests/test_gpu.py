@@ -93,7 +93,7 @@ def test_compile_encoders_is_off_by_default_and_compiles_lazily() -> None:
     plain = tiny_simla()
     plain.configure_model()
     assert all(getattr(m, "_compiled_call_impl", None) is None for m in (plain.backbone.vision, plain.backbone.stream))
-    compiled = tiny_simla(compile_encoders=True)
+    compiled = tiny_simla(compile_encoders="whole")  # true compiles the blocks (tests/test_compile_blocks.py)
     keys = set(compiled.state_dict())
     compiled.configure_model()
     compiled.configure_model()  # idempotent

@@ -24,6 +24,7 @@ from vlalign.data.tokenization import VocabInfo
 from vlalign.errors import ConfigError, InputFileError
 from vlalign.evaluation.metrics import retrieval_recalls
 from vlalign.models.backbone import Backbone
+from vlalign.models.compile import CompileChoice, apply_compile, parse_compile_encoders
 from vlalign.models.heads import load_hf_mlm_head
 from vlalign.models.stream import StreamConfig
 from vlalign.models.vision import VisionConfig
@@ -51,6 +52,7 @@ from vlalign.training.fault_tolerance import (
     restore_rng_states,
 )
 from vlalign.training.objective_cost import ObjectiveCostMeter
+from vlalign.training.progress import losses_on_progress_bar
 from vlalign.utils.distributed import all_gather_variable
 from vlalign.weights.reading import torch_load_weights_only
 from vlalign.weights.safe_loading import (
@@ -97,8 +99,11 @@ class PretrainRecipe(L.LightningModule):
             (non-momentum) tensors, in the parts the file provides (``backbone.vision``, ``backbone.stream``,
             ``itc`` ...), is in the file with the model's shapes; 0 accepts any file. See
             :func:`~vlalign.weights.safe_loading.load_init_weights`.
-        compile_encoders: ``torch.compile`` the forwards of the ViT and the stream (and their momentum twins) in
-            ``configure_model``; parameter names and checkpoints are unchanged.
+        compile_encoders: ``torch.compile`` the encoders (the ViT and the stream, and their momentum twins) in
+            ``configure_model``: ``true`` / ``blocks`` compiles each repeated transformer block (regional
+            compilation: a short first step), ``whole`` each whole encoder; ``scope:mode`` picks an inductor mode,
+            e.g. ``blocks:max-autotune-no-cudagraphs``. Parameter names and checkpoints are unchanged
+            (docs/benchmarks.md).
         max_consecutive_nonfinite: steps with a NaN / infinite total loss are skipped (no update, counted in
             ``train/nonfinite_steps``); this many in a row stop the run with ``nonfinite-stop.ckpt``. Checkpoints
             saved during such a streak, or holding non-finite weights, are not written: ``last.ckpt`` keeps the
@@ -125,7 +130,7 @@ class PretrainRecipe(L.LightningModule):
         optim: OptimConfig = OptimConfig(),
         init_from: str | None = None,
         init_min_match: float = DEFAULT_INIT_MIN_MATCH,
-        compile_encoders: bool = False,
+        compile_encoders: bool | CompileChoice = False,
         max_consecutive_nonfinite: int = 10,
     ) -> None:
         super().__init__()
@@ -149,6 +154,7 @@ class PretrainRecipe(L.LightningModule):
         self.alpha_warmup_steps = alpha_warmup_steps
         self.optim = optim
         self.compile_encoders = compile_encoders
+        parse_compile_encoders(compile_encoders)  # a wrong value fails here, naming model.compile_encoders
 
         given = [o for o in (itc, itm, xmm, psl) if o is not None]
         for slot, objective in zip(OBJECTIVE_SLOTS, (itc, itm, xmm, psl), strict=True):
@@ -310,13 +316,14 @@ class PretrainRecipe(L.LightningModule):
         losses: dict[str, Tensor] = {}
         for objective in self.objectives:
             objective.begin_step()
+        bar = losses_on_progress_bar(self)
         for objective in self.objectives:
             out = objective(ctx) if meter is None else meter.objective(objective, ctx)
             losses[objective.name] = out.loss
             ctx.published[objective.name] = out.publish
             weighted = objective.weight * out.loss
             total = weighted if total is None else total + weighted
-            self.log(f"train/{objective.name}_loss", out.loss.detach(), prog_bar=True, batch_size=batch_size)
+            self.log(f"train/{objective.name}_loss", out.loss.detach(), prog_bar=bar, batch_size=batch_size)
             for key, value in out.logs.items():
                 self.log(f"train/{objective.name}_{key}", value, batch_size=batch_size)
         if meter is not None:
@@ -427,13 +434,11 @@ class PretrainRecipe(L.LightningModule):
                 gated_after_optimizer_step(objective, applied)
 
     def configure_model(self) -> None:
-        """Compile the encoders in place (``nn.Module.compile``) when ``compile_encoders`` is set; idempotent."""
-        if not self.compile_encoders:
-            return
+        """Compile the encoders in place (``nn.Module.compile``) as ``compile_encoders`` says: each repeated block,
+        or each whole encoder, momentum twins included; idempotent (vlalign.models.compile)."""
         backbone = self.backbone
-        for module in (backbone.vision, backbone.stream, backbone.vision_m, backbone.stream_m):
-            if module is not None and getattr(module, "_compiled_call_impl", None) is None:
-                module.compile()
+        modules = [backbone.vision, backbone.stream, backbone.vision_m, backbone.stream_m]
+        apply_compile(modules, parse_compile_encoders(self.compile_encoders))
 
     def configure_optimizers(self) -> dict:
         return build_optimizer(self, self.optim, self.trainer.estimated_stepping_batches)
