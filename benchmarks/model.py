@@ -70,8 +70,8 @@ class Case:
     objectives: str = "simla"
     precision: str = "fp32"  # fp32 | tf32 (fp32 with TF32 matmuls) | bf16 (autocast)
     checkpointing: bool = False
-    compile: bool = False
-    fused_adamw: bool | None = None  # None: vlalign's default (fused on CUDA)
+    compile: bool | str = False  # model.compile_encoders: True = "blocks" (regional), "whole"
+    fused_adamw: bool | None = None  # None: vlalign's default (fused on CUDA and CPU)
     batched_passes: bool = True  # clean+masked ViT in one batch, ITM's 3B fusion batch
     fused_attention: bool = True  # SDPA kernels; False forces the math (explicit softmax) backend
     sync_free_negatives: bool = True  # False: reference-style per-row multinomial(...).item() draws
@@ -82,7 +82,7 @@ class Case:
         parts = [self.precision]
         parts.append("ckpt" if self.checkpointing else "no-ckpt")
         if self.compile:
-            parts.append("compile")
+            parts.append("compile" if self.compile is True else f"compile-{self.compile}")
         if self.fused_adamw is not None:
             parts.append("fused-adamw" if self.fused_adamw else "unfused-adamw")
         if not self.batched_passes:
@@ -130,6 +130,7 @@ def standard_cases(recipe: str, device: str, variants: str = "default") -> list[
     ]
     if variants == "all" or device == "cuda":
         flips.append(dataclasses.replace(base, name="simla +compile", compile=True))
+        flips.append(dataclasses.replace(base, name="simla +compile-whole", compile="whole"))
     return cases + flips
 
 

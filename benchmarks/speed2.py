@@ -465,7 +465,7 @@ def report(result: dict[str, Any]) -> str:
         f"load average (1/5/15 min) before {_load(result['load_average_before'])}, after "
         f"{_load(result['load_average_after'])}",
         "",
-        "| queue | ITC path | step ms, wall (median) | CPU ms per step (median) | samples/s | samples per CPU-s "
+        "| queue | code | step ms, wall (median) | CPU ms per step (median) | samples/s | samples per CPU-s "
         "| speed-up over before, wall / CPU |",
         "|---|---|---|---|---|---|---|",
     ]
