@@ -868,20 +868,10 @@ def bare_step(spec: RunSpec, data: BenchData) -> dict[str, Any]:
 
 
 def pipeline_rate(pipeline: str, num_samples: int, batch_size: int) -> dict[str, Any]:
-    """``benchmarks.pipeline.run_pipeline`` with one torch thread, as in a DataLoader worker (PyTorch sets one thread
-    in each). At torch's default thread count the per-sample tensor operations of ``ToTensor`` and normalisation
-    contend for busy cores: on the 2-core VM at load average 5.7 the full pipeline gave 6.5 samples/s that way and
-    172 samples/s with one thread."""
+    """One data worker's rate: ``benchmarks.pipeline.run_pipeline`` (one torch thread, as in a DataLoader worker)."""
     from benchmarks.pipeline import run_pipeline
 
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        result = run_pipeline(pipeline, num_samples=num_samples, batch_size=batch_size)
-    finally:
-        torch.set_num_threads(previous)
-    result["torch_threads"] = 1
-    return result
+    return run_pipeline(pipeline, num_samples=num_samples, batch_size=batch_size)
 
 
 def workers_needed(rate: float, per_worker: float) -> int | None:

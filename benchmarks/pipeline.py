@@ -28,7 +28,21 @@ PIPELINES: dict[str, dict] = {
 
 
 def run_pipeline(recipe_name: str, num_samples: int = 320, batch_size: int = 32) -> dict:
-    """Write ``num_samples`` synthetic shards, then time one worker's batches (the first batch is warm-up)."""
+    """Write ``num_samples`` synthetic shards, then time one worker's batches (the first batch is warm-up), with one
+    torch thread as in a DataLoader worker (PyTorch sets one in each): at torch's default thread count the per-sample
+    tensor operations contend for busy cores (on the 2-core VM at load average 5.7 the full pipeline gave 6.5
+    samples/s that way and 172 with one thread)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return {**_run_pipeline(recipe_name, num_samples, batch_size), "torch_threads": 1}
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run_pipeline(recipe_name: str, num_samples: int, batch_size: int) -> dict:
     from vlalign.data.synth import write_synthetic
     from vlalign.data.transforms import AugmentConfig
     from vlalign.datamodules.webdataset import ShardDataModule
